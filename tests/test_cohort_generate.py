@@ -1,0 +1,133 @@
+"""Cohort generation: determinism across workers, the manifest, splits, folder safety and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from xcardia.cli import main
+from xcardia.cohort.generate import CohortError, CohortSpec, assign_splits, generate_cohort
+from xcardia.cohort.render import RenderSpec
+from xcardia.cohort.schema import CONCEPT_NAMES, LABELS, SPLITS
+from xcardia.data.manifest import load_manifest
+
+from conftest import TINY_SPEC
+
+SMALL = CohortSpec(n_patients=6, seed=9, render=RenderSpec((16, 16, 16), 10.0, "heart"))
+
+
+def test_same_spec_gives_byte_identical_manifest_and_voxels_whatever_the_workers(tmp_path):
+    one = generate_cohort(tmp_path / "w1", SMALL, workers=1, progress=False)
+    two = generate_cohort(tmp_path / "w2", SMALL, workers=2, progress=False)
+    assert one.read_bytes() == two.read_bytes()
+    for pid in ("SYN000000", "SYN000005"):
+        for folder in ("ct", "labelmap"):
+            a = nib.load(str(tmp_path / "w1" / folder / f"{pid}.nii.gz"))
+            b = nib.load(str(tmp_path / "w2" / folder / f"{pid}.nii.gz"))
+            np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+            np.testing.assert_array_equal(a.affine, b.affine)
+
+
+def test_manifest_columns_and_missing_cells(tiny_cohort):
+    df = load_manifest(tiny_cohort)
+    for col in ("patient_id", "ct_path", "labelmap_path", "split", *LABELS, *CONCEPT_NAMES):
+        assert col in df.columns
+    assert any(c.startswith("gt_") for c in df.columns)
+    assert df["ct_path"].str.fullmatch(r"ct/SYN\d{6}\.nii\.gz").all()
+    raw = (tiny_cohort / "manifest.csv").read_text()
+    assert ",," in raw and "nan" not in raw.lower().replace("mv_", "")  # missing values are empty cells
+    values = df[list(LABELS)].to_numpy(dtype=float).ravel()
+    assert set(values[~np.isnan(values)]) <= {0.0, 1.0}
+
+
+def test_splits_are_patient_level_disjoint_and_exact():
+    splits = assign_splits(101, 4, (0.5, 0.2, 0.1, 0.2))
+    counts = {s: splits.count(s) for s in SPLITS}
+    assert sum(counts.values()) == 101 and set(splits) <= set(SPLITS)
+    assert counts == {"pretrain": 51, "train": 20, "val": 10, "test": 20}
+    assert assign_splits(101, 4, (0.5, 0.2, 0.1, 0.2)) == splits
+    assert assign_splits(101, 5, (0.5, 0.2, 0.1, 0.2)) != splits
+
+
+def test_cohort_json_records_the_spec_and_a_regenerate_command(tiny_cohort):
+    meta = json.loads((tiny_cohort / "cohort.json").read_text())
+    assert CohortSpec.from_json(meta["spec"]) == TINY_SPEC
+    assert meta["regenerate"].startswith("python -m xcardia generate --n-patients 40")
+    assert sum(meta["split_counts"].values()) == 40
+
+
+def test_rerun_on_a_complete_cohort_is_a_no_op(tiny_cohort):
+    before = (tiny_cohort / "manifest.csv").stat().st_mtime_ns
+    generate_cohort(tiny_cohort, TINY_SPEC, progress=False)
+    assert (tiny_cohort / "manifest.csv").stat().st_mtime_ns == before
+
+
+def test_folder_holding_a_different_cohort_is_refused(tiny_cohort):
+    with pytest.raises(CohortError, match="different cohort"):
+        generate_cohort(tiny_cohort, replace(TINY_SPEC, seed=99), progress=False)
+
+
+def test_unrelated_non_empty_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CohortError, match="not empty"):
+        generate_cohort(tmp_path, SMALL, progress=False)
+
+
+def test_interrupted_generation_is_not_complete_and_reruns_to_completion(tmp_path, monkeypatch):
+    import xcardia.cohort.generate as gen
+
+    calls = {"n": 0}
+    real = gen._generate_one
+
+    def crash_on_third(job):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(gen, "_generate_one", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cohort(tmp_path, SMALL, progress=False)
+    assert not (tmp_path / "cohort.json").exists() and not (tmp_path / "manifest.csv").exists()
+    with pytest.raises(Exception, match="unfinished"):
+        load_manifest(tmp_path)
+    with pytest.raises(CohortError, match="unfinished generation of a different cohort"):
+        generate_cohort(tmp_path, replace(SMALL, seed=1), progress=False)
+    monkeypatch.setattr(gen, "_generate_one", real)
+    generate_cohort(tmp_path, SMALL, progress=False)
+    assert len(pd.read_csv(tmp_path / "manifest.csv")) == SMALL.n_patients
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-patients", "-5"], "positive integer"),
+    (["--profile", "laptop"], "invalid choice"),
+    (["--shape", "8"], "at least 16"),
+    (["--spacing", "0"], "positive number"),
+    (["--splits", "0.5,0.5"], "four fractions"),
+])
+def test_cli_bad_generate_arguments_give_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", *argv, "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_refuses_an_output_folder_with_a_different_cohort(tiny_cohort, capsys):
+    code = main(["generate", "--n-patients", "5", "--shape", "16", "--spacing", "10", "--out", str(tiny_cohort)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "different cohort" in err and len(err.splitlines()) == 1
+
+
+def test_cli_generates_a_cohort(tmp_path, capsys):
+    code = main(["generate", "--profile", "smoke", "--n-patients", "4", "--shape", "16", "--spacing", "10",
+                 "--seed", "2", "--out", str(tmp_path / "c")])
+    assert code == 0
+    df = load_manifest(tmp_path / "c")
+    assert len(df) == 4 and (tmp_path / "c" / "cohort.json").exists()

@@ -1,0 +1,144 @@
+"""Command-line interface: ``python -m xcardia <command> ...``. Each command calls the same library function a
+notebook calls; bad input ends with one ``error:`` line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from xcardia.errors import XcardiaError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line that says what to do."""
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S or X,Y,Z voxels, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: give S or X,Y,Z with every side at least 16 voxels")
+    return tuple(parts)
+
+
+def _fractions(text: str) -> tuple[float, float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected four fractions pretrain,train,val,test, got {text!r}")
+    return parts
+
+
+def _profile_names() -> list[str]:
+    from xcardia.config import PROFILES
+
+    return list(PROFILES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m xcardia", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate the synthetic digital-twin cohort")
+    g.add_argument("--profile", choices=_profile_names(), help="take unset options from this profile (default: cpu)")
+    g.add_argument("--n-patients", type=_positive_int)
+    g.add_argument("--shape", type=_shape, help="S or X,Y,Z voxels (each ≥ 16)")
+    g.add_argument("--spacing", type=_positive_float, help="voxel spacing in mm")
+    g.add_argument("--field-of-view", choices=["heart", "chest"])
+    g.add_argument("--seed", type=int)
+    g.add_argument("--splits", type=_fractions, help="pretrain,train,val,test fractions (sum 1)")
+    g.add_argument("--no-labelmap", action="store_true", help="do not write structure label maps")
+    g.add_argument("--workers", type=_positive_int, default=1)
+    g.add_argument("--out", required=True, help="output folder (new, empty, or holding this same cohort)")
+
+    r = sub.add_parser("reproduce", help="run every notebook through papermill")
+    r.add_argument("--profile", choices=_profile_names(), default="cpu")
+    r.add_argument("--out", help="output folder (default: outputs/<profile>)")
+    r.add_argument("--data", help="a manifest.csv or cohort folder to use instead of the synthetic cohort")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--only", help="comma-separated notebook numbers or names to run (default: all)")
+    r.add_argument("--notebooks", help="folder of numbered notebooks (default: the repository's notebooks/)")
+    return parser
+
+
+def _cmd_generate(args) -> int:
+    from dataclasses import replace
+
+    from xcardia.cohort.generate import generate_cohort
+    from xcardia.config import get_profile
+
+    profile = get_profile(args.profile or "cpu")
+    spec = profile.cohort
+    render = spec.render
+    render = replace(
+        render,
+        shape=args.shape or render.shape,
+        spacing_mm=args.spacing or render.spacing_mm,
+        field_of_view=args.field_of_view or render.field_of_view,
+    )
+    spec = replace(
+        spec,
+        n_patients=args.n_patients or spec.n_patients,
+        seed=spec.seed if args.seed is None else args.seed,
+        render=render,
+        split_fractions=args.splits or spec.split_fractions,
+        write_labelmap=not args.no_labelmap,
+    )
+    manifest = generate_cohort(args.out, spec, workers=args.workers)
+    print(f"cohort of {spec.n_patients} patients: {manifest}")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from xcardia.reproduce import reproduce
+
+    only = args.only.split(",") if args.only else None
+    reproduce(profile=args.profile, out=args.out, data=args.data, seed=args.seed, only=only, notebooks=args.notebooks)
+    return 0
+
+
+COMMANDS = {
+    "generate": _cmd_generate,
+    "reproduce": _cmd_reproduce,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except XcardiaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

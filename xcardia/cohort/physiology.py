@@ -1,0 +1,527 @@
+"""Latent cardiac physiology of one synthetic patient → ECHO/ECG tables, labels, concepts and anatomy.
+
+A patient is fully determined by ``(seed, index)``: :func:`sample_patient` draws from its own random stream
+(``numpy.random.default_rng([seed, index, 0])``), whatever order or process generates it.
+
+The causal story (DESIGN §3): demographics → disease processes with severities → true cardiac geometry and
+pressures → echo *measurements* of that truth, with inter-observer error → labels and concepts from the
+measurements by their guideline thresholds. The CT (``render.py``) is drawn from the *true* geometry, at a random
+cardiac phase, so labels are never a deterministic function of the image.
+
+Processes interact as in life: reduced EF dilates the LV and LA, raises PASP and causes functional MR; AS causes
+concentric LVH; MR and AF enlarge the LA; pulmonary hypertension dilates the RV/RA and causes TR; age raises AS,
+AF and calcium.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xcardia.cohort import formulas
+from xcardia.cohort.schema import (
+    CONCEPTS,
+    EFFUSION_GRADES,
+    LABELS,
+    REGURGITATION_GRADES,
+    grade_at_least,
+)
+
+#: Latent regurgitation severity (0–1.2) → grade: upper bounds of none, trace, mild, moderate.
+REGURGITATION_CUTS = (0.12, 0.28, 0.50, 0.75)
+#: Effusion rim thickness (mm) → grade: upper bounds of none, small, moderate (Adler et al., ESC 2015).
+EFFUSION_CUTS_MM = (1.0, 10.0, 20.0)
+
+#: Echo inter-observer measurement error (SD), from reproducibility studies summarised in ASE/EACVI 2015:
+#: linear LV dimensions ≈ 0.2–0.3 cm, wall thickness ≈ 10 % (≈ 0.12 cm), velocities ≈ 5–8 %;
+#: regurgitation grading agrees only moderately between readers (κ ≈ 0.5–0.6).
+ECHO_ERROR_SD = {
+    "lv_diameter_cm": 0.22,
+    "wall_cm": 0.12,
+    "la_diameter_cm": 0.25,
+    "velocity_rel": 0.06,
+    "grade": 0.10,
+    "tapse_cm": 0.25,
+    "rv_diameter_cm": 0.3,
+    "effusion_mm": 1.5,
+}
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _grade(severity: float, cuts: tuple[float, ...], names: tuple[str, ...]) -> str:
+    for cut, name in zip(cuts, names):
+        if severity < cut:
+            return name
+    return names[-1]
+
+
+def ventricular_volume_fraction(phase: float) -> float:
+    """Fraction of the way from end-systolic to end-diastolic volume at cardiac ``phase`` ∈ [0, 1).
+
+    Phase 0 is end-diastole (R wave); ejection to end-systole at 0.35; rapid filling to 80 % by 0.6; diastasis; the
+    atrial kick completes filling at 1.0. Smooth and periodic.
+    """
+    p = phase % 1.0
+    if p < 0.35:
+        return 0.5 * (1.0 + math.cos(math.pi * p / 0.35))
+    if p < 0.6:
+        return 0.8 * 0.5 * (1.0 - math.cos(math.pi * (p - 0.35) / 0.25))
+    if p < 0.85:
+        return 0.8
+    return 0.8 + 0.2 * 0.5 * (1.0 - math.cos(math.pi * (p - 0.85) / 0.15))
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """What the renderer needs: true geometry over the cardiac cycle, the scan's phase, attenuation and image quality.
+
+    Lengths in mm, volumes in mL, attenuation in HU. Positions and orientations are drawn by the renderer.
+    ``dataclasses.replace(anatomy, phase=p)`` gives the same patient scanned at another phase.
+    """
+
+    sex_male: bool
+    thorax_half_width_mm: float
+    thorax_half_depth_mm: float
+    chest_wall_mm: float
+    subcutaneous_fat_mm: float
+    phase: float
+    heart_rate_bpm: float
+    lv_edv_ml: float
+    lv_esv_ml: float
+    lv_myocardial_ml: float
+    rv_edv_ml: float
+    rv_ef: float
+    la_max_ml: float
+    la_ef: float
+    ra_max_ml: float
+    ra_ef: float
+    epicardial_fat_ml: float
+    effusion_mm: float
+    aorta_diameter_mm: float
+    pa_diameter_mm: float
+    coronary_agatston: float
+    av_agatston: float
+    mac_volume_mm3: float
+    blood_hu: float
+    myocardium_hu: float
+    noise_sd_hu: float
+
+    @property
+    def _filling(self) -> float:
+        return ventricular_volume_fraction(self.phase)
+
+    @property
+    def lv_cavity_ml(self) -> float:
+        return self.lv_esv_ml + (self.lv_edv_ml - self.lv_esv_ml) * self._filling
+
+    @property
+    def lv_diameter_mm(self) -> float:
+        return float(formulas.teichholz_diameter(self.lv_cavity_ml)) * 10.0
+
+    @property
+    def rv_cavity_ml(self) -> float:
+        return self.rv_edv_ml * (1.0 - self.rv_ef * (1.0 - self._filling))
+
+    @property
+    def la_cavity_ml(self) -> float:
+        """Atria fill while the ventricles empty: maximal at end-systole."""
+        return self.la_max_ml * (1.0 - self.la_ef * self._filling)
+
+    @property
+    def ra_cavity_ml(self) -> float:
+        return self.ra_max_ml * (1.0 - self.ra_ef * self._filling)
+
+    @property
+    def heart_volume_ml(self) -> float:
+        """Chambers + LV myocardium + thin RV/atrial walls (≈12 % of their cavities) at the current phase."""
+        others = self.rv_cavity_ml + self.la_cavity_ml + self.ra_cavity_ml
+        return self.lv_cavity_ml + self.lv_myocardial_ml + 1.12 * others
+
+
+@dataclass
+class Patient:
+    """One synthetic patient: manifest row values (``table``), ground truth (``gt``) and anatomy."""
+
+    index: int
+    patient_id: str
+    table: dict[str, object]
+    gt: dict[str, float]
+    anatomy: Anatomy
+    latent: dict[str, float] = field(default_factory=dict)
+
+
+def patient_id(index: int) -> str:
+    return f"SYN{index:06d}"
+
+
+def patient_index(pid: str) -> int:
+    """Inverse of :func:`patient_id`."""
+    if not (isinstance(pid, str) and pid.startswith("SYN") and pid[3:].isdigit()):
+        raise ValueError(f"{pid!r} is not a synthetic patient id (SYNnnnnnn)")
+    return int(pid[3:])
+
+
+def sample_patient(seed: int, index: int) -> Patient:
+    """Draw the physiology, tables, labels, concepts and anatomy of patient ``index`` of cohort ``seed``."""
+    rng = np.random.default_rng([seed, index, 0])
+    n = rng.normal
+    u = rng.random
+
+    # ---------------------------------------------------------------- demographics (echo-referred adults)
+    age = float(np.clip(n(64.0, 14.0), 18.0, 95.0))
+    male = bool(u() < 0.52)
+    height = float(np.clip(n(176.0, 7.0) if male else n(162.0, 6.5), 140.0, 205.0))
+    bmi = float(np.clip(math.exp(n(math.log(27.5), 0.19)), 15.0, 60.0))
+    weight = bmi * (height / 100.0) ** 2
+    bsa = float(formulas.bsa_mosteller(height, weight))
+    hb = float(np.clip(n(14.2 if male else 12.9, 1.4) - 0.01 * max(age - 60.0, 0.0), 8.0, 18.5))
+    age_c = (age - 64.0) / 10.0  # decades from the cohort mean
+
+    # ---------------------------------------------------------------- disease processes (presence, severity 0–1)
+    htn = u() < _sigmoid(0.45 + 0.45 * age_c + 0.08 * (bmi - 27.5))
+    htn_sev = float(rng.beta(2.0, 3.0)) if htn else 0.0
+    cm = u() < _sigmoid(-1.3 + 0.15 * age_c + 0.55 * male)
+    cm_sev = float(rng.beta(2.4, 1.6)) if cm else 0.0
+    hcm = u() < 0.006  # hypertrophic cardiomyopathy, rare
+    as_present = u() < _sigmoid(-2.9 + 0.75 * age_c)
+    as_sev = float(rng.beta(1.6, 1.6)) if as_present else 0.0
+    pre_ph = u() < _sigmoid(-3.6 + 0.1 * age_c)  # pre-capillary pulmonary hypertension
+    pre_ph_mmhg = float(rng.uniform(15.0, 55.0)) if pre_ph else 0.0
+    af = u() < _sigmoid(-2.55 + 0.55 * age_c + 1.3 * cm_sev + 0.5 * htn_sev + 1.0 * as_sev)
+    primary_mr = u() < _sigmoid(-2.8 + 0.2 * age_c)
+    primary_ar = u() < _sigmoid(-4.35 + 0.2 * age_c + 0.4 * male)
+    paced = u() < _sigmoid(-3.9 + 0.5 * age_c + 1.0 * af)
+    conduction = u() < _sigmoid(-2.5 + 0.3 * age_c + 1.2 * cm_sev)
+
+    # ---------------------------------------------------------------- left ventricle (true)
+    edvi = n(56.0, 10.0) if male else n(49.0, 8.0)  # mL/m², ASE/EACVI 2015 2-D normal mean ± SD
+    ar_sev = float(np.clip(0.09 * rng.beta(1.2, 3.0) + (rng.beta(2.0, 1.6) * 1.1 if primary_ar else 0.0), 0, 1.2))
+    edv = edvi * bsa * (1.0 + 0.9 * cm_sev**1.3 + 0.45 * max(ar_sev - 0.3, 0.0))
+    ef_true = float(np.clip((n(63.0, 4.5) if not cm else 63.0 - 44.0 * cm_sev + n(0.0, 3.5)), 12.0, 78.0))
+    mr_sev = float(np.clip(0.12 * rng.beta(1.5, 3.0) + 0.45 * cm_sev**1.5 + 0.12 * af
+                           + (rng.beta(2.2, 1.5) * 1.05 if primary_mr else 0.0), 0, 1.2))
+    edv *= 1.0 + 0.35 * max(mr_sev - 0.4, 0.0)
+    esv = edv * (1.0 - ef_true / 100.0)
+    lvidd_true = float(formulas.teichholz_diameter(edv))
+    lvids_true = float(formulas.teichholz_diameter(esv))
+    ef_true = float(formulas.teichholz_ejection_fraction(lvidd_true, lvids_true))
+    wall_base = (0.86 if male else 0.78) + 0.05 * age_c + 0.12 * (bsa - 1.9) + n(0.0, 0.07)
+    wall = wall_base + 0.75 * htn_sev + 0.45 * as_sev**1.2 + (rng.uniform(0.5, 1.0) if hcm else 0.0) - 0.12 * cm_sev
+    ivsd_true = float(max(wall * (1.0 + n(0.03, 0.04)), 0.45))
+    lvpwd_true = float(max(wall * (1.0 + n(-0.02, 0.04)), 0.45))
+    lv_mass_true = float(formulas.lv_mass_cube(ivsd_true, lvidd_true, lvpwd_true))
+
+    # ---------------------------------------------------------------- pressures, right heart, atria
+    filling = 0.6 * cm_sev + 0.35 * htn_sev + 0.4 * as_sev + 0.5 * max(mr_sev - 0.3, 0.0)  # LV filling pressure
+    pasp_true = (25.0 + 1.2 * age_c + n(0.0, 3.5) + 28.0 * filling + 8.0 * af + pre_ph_mmhg)
+    pasp_true = float(np.clip(pasp_true, 15.0, 120.0))
+    ph_load = max(pasp_true - 35.0, 0.0) / 40.0
+    # TR: functional from pulmonary hypertension, atrial-functional (AF, age), device leads, and primary.
+    tr_sev = float(np.clip(0.16 * rng.beta(1.5, 2.5) + 0.35 * ph_load + 0.3 * af + 0.04 * max(age_c, 0.0)
+                           + 0.35 * paced * u() + (rng.beta(2, 2) if u() < 0.05 else 0.0), 0, 1.2))
+    pr_sev = float(np.clip(0.1 * rng.beta(1.2, 3.0) + 0.3 * max(ph_load - 0.5, 0.0)
+                           + (rng.beta(2.0, 1.5) * 1.1 if u() < 0.009 else 0.0), 0, 1.2))
+    rap_latent = 0.4 * tr_sev + 0.35 * ph_load + 0.3 * cm_sev + n(0.0, 0.15)
+    rap = 3.0 if rap_latent < 0.2 else (8.0 if rap_latent < 0.5 else 15.0)
+    trv_true = math.sqrt(max(pasp_true - rap, 4.0) / 4.0)
+
+    rv_edvi = n(72.0 if male else 60.0, 13.0) * (1.0 + 0.6 * ph_load + 0.4 * tr_sev**1.5 + 0.4 * pr_sev**1.5 + 0.25 * cm_sev)
+    rv_edv = rv_edvi * bsa
+    rv_ef = float(np.clip(n(0.55, 0.05) - 0.15 * ph_load - 0.15 * cm_sev, 0.2, 0.7))
+    lavi = (n(27.0, 6.5) + 14.0 * af + 28.0 * max(mr_sev - 0.2, 0.0) + 14.0 * cm_sev + 8.0 * htn_sev + 10.0 * as_sev)
+    la_vol = max(lavi, 12.0) * bsa
+    ravi = n(25.0 if male else 21.0, 6.5) + 22.0 * max(tr_sev - 0.2, 0.0) + 9.0 * af + 12.0 * ph_load
+    ra_vol = max(ravi, 10.0) * bsa
+
+    # ---------------------------------------------------------------- calcium, fat, effusion, vessels
+    cac = 0.0
+    if u() < _sigmoid(0.2 + 0.9 * age_c + 0.9 * male + 0.6 * cm):
+        cac = float(np.clip(math.exp(n(math.log(80.0) + 0.45 * age_c + 0.4 * male, 1.4)), 1.0, 8000.0))
+    if as_present:
+        av_ca = float(math.exp(math.log(250.0) + 2.6 * as_sev + n(0.0, 0.5)) * (1.0 if male else 0.65))
+    elif u() < _sigmoid(-1.6 + 0.8 * age_c):
+        av_ca = float(math.exp(n(math.log(40.0), 0.9)))
+    else:
+        av_ca = 0.0
+    mac = float(math.exp(n(math.log(150.0), 0.9))) if u() < _sigmoid(-2.8 + 0.8 * age_c) else 0.0
+    epi_fat = float(np.clip(90.0 + 4.0 * (bmi - 27.5) + 10.0 * age_c + 12.0 * male + n(0.0, 28.0), 20.0, 350.0))
+    eff_latent = rng.random()
+    eff_boost = 0.06 * cm_sev + 0.02 * ph_load
+    if eff_latent < 0.005 + eff_boost / 4:
+        effusion = float(rng.uniform(20.0, 30.0))
+    elif eff_latent < 0.017 + eff_boost / 2:
+        effusion = float(rng.uniform(10.0, 20.0))
+    elif eff_latent < 0.10 + eff_boost:
+        effusion = float(rng.uniform(2.0, 10.0))
+    else:
+        effusion = 0.0
+    pa_diam = float(np.clip(23.5 + 1.6 * (bsa - 1.9) + 0.16 * max(pasp_true - 30.0, 0.0) + n(0.0, 2.4), 16.0, 45.0))
+    aorta_diam = float(np.clip(30.0 + 1.2 * age_c + 2.5 * male + 4.0 * max(ar_sev - 0.3, 0.0) + n(0.0, 2.5), 22.0, 55.0))
+
+    # ---------------------------------------------------------------- ECG
+    hr = float(np.clip(n(86.0, 17.0) if af else n(70.0, 11.0) + 5.0 * cm_sev, 40.0, 150.0))
+    if paced:
+        qrs = float(np.clip(n(158.0, 12.0), 120.0, 210.0))
+    elif conduction:
+        qrs = float(np.clip(n(135.0, 15.0) + 15.0 * cm_sev, 110.0, 200.0))
+    else:
+        qrs = float(np.clip(n(94.0, 10.0) + 10.0 * htn_sev, 65.0, 118.0))
+    qtc = float(np.clip(n(425.0, 22.0) + 0.6 * (qrs - 95.0) + 15.0 * cm_sev, 340.0, 620.0))
+    qt = qtc * math.sqrt(60.0 / hr)
+    pr = None if af else float(np.clip(n(162.0, 22.0) + 4.0 * age_c + 30.0 * conduction, 90.0, 400.0))
+    axis = float(np.clip(n(35.0, 30.0) - 35.0 * htn_sev - 40.0 * (paced or conduction) * u(), -90.0, 180.0))
+    sokolow = float(np.clip(n(2.3 if male else 1.9, 0.65) + 2.2 * max(wall - 1.0, 0.0) - 0.035 * (bmi - 27.5), 0.3, 8.0))
+
+    # ---------------------------------------------------------------- echo measurements (with observer error)
+    e = ECHO_ERROR_SD
+    lvidd_m = lvidd_true + n(0.0, e["lv_diameter_cm"])
+    lvids_m = lvids_true + n(0.0, e["lv_diameter_cm"])
+    lvids_m = min(lvids_m, lvidd_m - 0.25)  # a systolic diameter is never reported above the diastolic one
+    ivsd_m = ivsd_true + n(0.0, e["wall_cm"])
+    lvpwd_m = lvpwd_true + n(0.0, e["wall_cm"])
+    la_diam_true = (6.0 * la_vol / math.pi) ** (1.0 / 3.0) * 0.78
+    la_diam_m = la_diam_true + n(0.0, e["la_diameter_cm"])
+    lavi_m = lavi * (1.0 + n(0.0, 0.12))
+    vel = lambda v: v * (1.0 + n(0.0, e["velocity_rel"]))  # noqa: E731 - relative velocity error
+    trv_m = vel(trv_true)
+    pasp_m = float(formulas.pasp_from_trv(trv_m, rap))
+    av_vmax_true = 1.15 + n(0.0, 0.12) + 0.5 * (age > 70) * u() + 3.9 * as_sev**1.1 if as_present else 1.15 + n(0.0, 0.15)
+    av_vmax_m = vel(max(av_vmax_true, 0.6))
+    e_vel = float(np.clip(72.0 - 2.5 * age_c + n(0.0, 12.0) + 22.0 * filling + 12.0 * mr_sev, 25.0, 220.0))
+    a_vel = float(np.clip(62.0 + 6.0 * age_c + n(0.0, 11.0) - 15.0 * cm_sev, 20.0, 160.0))
+    e_sept = float(np.clip(8.5 - 1.2 * age_c + n(0.0, 1.4) - 2.2 * htn_sev - 3.0 * cm_sev - 2.0 * as_sev, 2.5, 20.0))
+    e_lat = float(np.clip(e_sept * 1.3 + n(0.0, 1.1), 3.0, 25.0))
+    lvot_d = float(np.clip((2.12 if male else 1.92) + 0.15 * (bsa - 1.9) + n(0.0, 0.11), 1.4, 2.9))
+    stroke = (edv - esv) * (1.0 - 0.4 * max(mr_sev - 0.3, 0.0))
+    lvot_vti = float(np.clip(stroke / (math.pi * (lvot_d / 2.0) ** 2) * (1.0 + n(0.0, 0.08)), 6.0, 42.0))
+    tapse = float(np.clip(2.35 - 0.9 * ph_load - 0.6 * cm_sev + n(0.0, e["tapse_cm"]), 0.5, 3.8))
+    rv_basal_true = 3.5 * (rv_edv / (66.0 * 1.9)) ** (1.0 / 3.0)
+    rv_basal_m = rv_basal_true + n(0.0, e["rv_diameter_cm"])
+    effusion_m = max(effusion + n(0.0, e["effusion_mm"]), 0.0) if effusion > 0 else 0.0
+
+    def measured_grade(sev: float) -> str:
+        return _grade(sev + n(0.0, e["grade"]), REGURGITATION_CUTS, REGURGITATION_GRADES)
+
+    ar_g, mr_g, tr_g, pr_g = (measured_grade(s) for s in (ar_sev, mr_sev, tr_sev, pr_sev))
+
+    # ---------------------------------------------------------------- missingness, as in real reports
+    miss = lambda p: u() < p  # noqa: E731
+    poor_window = miss(0.025)  # no usable parasternal view: no linear LV measurements at all
+    lvidd_r = None if poor_window or miss(0.01) else round(lvidd_m, 2)
+    lvids_r = None if poor_window or miss(0.03) else round(lvids_m, 2)
+    walls_missing = poor_window or miss(0.02)
+    ivsd_r = None if walls_missing else round(ivsd_m, 2)
+    lvpwd_r = None if walls_missing or miss(0.01) else round(lvpwd_m, 2)
+    tr_jet = u() < (0.96 if tr_sev >= 0.28 or pasp_true > 40 else 0.62)
+    trv_r = round(trv_m, 2) if tr_jet else None
+    pasp_r = float(formulas.pasp_from_trv(trv_r, rap)) if trv_r is not None else None
+    av_vmax_r = None if miss(0.03) else round(av_vmax_m, 2)
+    as_suspected = av_vmax_r is not None and av_vmax_r >= 2.5
+    av_peak_g = float(formulas.bernoulli_peak_gradient(av_vmax_r)) if as_suspected else None
+    av_mean_g = av_peak_g * float(np.clip(n(0.6, 0.04), 0.5, 0.7)) if as_suspected else None
+
+    lvef_r = edv_r = esv_r = None
+    if lvidd_r is not None and lvids_r is not None:
+        lvef_r = round(float(formulas.teichholz_ejection_fraction(lvidd_r, lvids_r)), 2)
+        edv_r = round(float(formulas.teichholz_volume(lvidd_r)), 2)
+        esv_r = round(float(formulas.teichholz_volume(lvids_r)), 2)
+    mass_r = None
+    if lvidd_r is not None and ivsd_r is not None and lvpwd_r is not None:
+        mass_r = round(float(formulas.lv_mass_cube(ivsd_r, lvidd_r, lvpwd_r)), 2)
+
+    e_prime_mean = (e_sept + e_lat) / 2.0
+    table: dict[str, object] = {
+        "age_years": round(age, 1),
+        "sex": "M" if male else "F",
+        "height_cm": round(height, 1),
+        "weight_kg": round(weight, 1),
+        "bmi_kg_m2": round(bmi, 2),
+        "bsa_m2": round(bsa, 3),
+        "lvef_percent": lvef_r,
+        "lvidd_cm": lvidd_r,
+        "lvids_cm": lvids_r,
+        "ivsd_cm": ivsd_r,
+        "lvpwd_cm": lvpwd_r,
+        "lv_edv_ml": edv_r,
+        "lv_esv_ml": esv_r,
+        "lv_mass_g": mass_r,
+        "lv_mass_index_g_m2": round(mass_r / round(bsa, 3), 2) if mass_r is not None else None,
+        "la_diameter_cm": None if miss(0.03) else round(la_diam_m, 2),
+        "la_volume_index_ml_m2": None if miss(0.08) else round(max(lavi_m, 8.0), 1),
+        "mv_e_velocity_cm_s": round(e_vel, 1),
+        "mv_a_velocity_cm_s": None if af else round(a_vel, 1),
+        "mv_e_a_ratio": None if af else round(e_vel / a_vel, 2),
+        "e_prime_septal_cm_s": round(e_sept, 1),
+        "e_prime_lateral_cm_s": round(e_lat, 1),
+        "e_prime_mean_cm_s": round(e_prime_mean, 2),
+        "e_e_prime_ratio": round(e_vel / e_prime_mean, 2),
+        "lvot_diameter_cm": None if miss(0.06) else round(lvot_d, 2),
+        "lvot_vti_cm": None if miss(0.06) else round(lvot_vti, 1),
+        "av_peak_velocity_m_s": av_vmax_r,
+        "av_peak_gradient_mmhg": round(av_peak_g, 1) if av_peak_g is not None else None,
+        "av_mean_gradient_mmhg": round(av_mean_g, 1) if av_mean_g is not None else None,
+        "ar_grade": None if miss(0.015) else ar_g,
+        "mr_grade": None if miss(0.01) else mr_g,
+        "tr_grade": None if miss(0.01) else tr_g,
+        "pr_grade": None if miss(0.03) else pr_g,
+        "tr_max_velocity_m_s": trv_r,
+        "rap_mmhg": rap,
+        "pasp_mmhg": round(pasp_r, 2) if pasp_r is not None else None,
+        "tapse_cm": None if miss(0.08) else round(tapse, 2),
+        "rv_basal_diameter_cm": None if miss(0.05) else round(rv_basal_m, 2),
+        "pericardial_effusion": _grade(effusion_m, EFFUSION_CUTS_MM, EFFUSION_GRADES),
+        "ventricular_rate_bpm": round(hr),
+        "atrial_rate_bpm": None if af else round(hr),
+        "pr_interval_ms": None if pr is None else round(pr),
+        "qrs_duration_ms": round(qrs),
+        "qt_interval_ms": round(qt),
+        "qtc_ms": round(float(formulas.qtc_bazett(round(qt), round(hr)))),
+        "qrs_axis_deg": round(axis),
+        "sokolow_lyon_mv": round(sokolow, 2),
+        "ecg_af_flag": int(af),
+        "ecg_paced_flag": int(paced),
+    }
+    # PASP is recomputed from the rounded TRV so that 4·TRV² + RAP holds exactly on the written values.
+    if table["tr_max_velocity_m_s"] is not None:
+        table["pasp_mmhg"] = round(float(formulas.pasp_from_trv(table["tr_max_velocity_m_s"], rap)), 2)
+    table.update(derive_labels(table))
+    table.update(derive_concepts(table))
+
+    # ---------------------------------------------------------------- anatomy at scan time (the CT's truth)
+    phase = float(rng.random())
+    lv_myo_ml = lv_mass_true / 1.05  # myocardial density 1.05 g/mL
+    thorax_w = 128.0 * (height / 170.0) * (1.06 if male else 0.95) * (1.0 + 0.004 * (bmi - 25.0)) * (1 + n(0, 0.04))
+    thorax_d = 92.0 * (height / 170.0) * (1.04 if male else 0.96) * (1.0 + 0.008 * (bmi - 25.0)) * (1 + n(0, 0.05))
+    subcut = float(np.clip((4.0 + 1.7 * (bmi - 20.0)) * (1.25 if not male else 1.0) * (1 + n(0, 0.2)), 2.0, 70.0))
+    low_dose = u() < 0.35
+    body_depth = 2.0 * (thorax_d + 14.0 + subcut)
+    noise_sd = float(np.clip(math.exp(n(math.log(15.0), 0.18)) * (body_depth / 250.0) ** 1.5 * (1.6 if low_dose else 1.0),
+                             10.0, 40.0))
+    blood_hu = float(formulas.blood_hu_from_haemoglobin(hb))
+    myo_hu = float(np.clip(n(50.0, 2.5), 45.0, 55.0))
+    # Atrioventricular-plane motion: while the ventricles eject, the atria fill by most of the ventricular stroke
+    # volume (60–80 %), so the whole heart changes by only ≈8 % over the cycle (Carlsson et al., Am J Physiol 2004).
+    stroke_total = (edv - esv) + rv_edv * rv_ef
+    la_ef = min(0.7 * stroke_total * la_vol / (la_vol + ra_vol) / la_vol, 0.8)
+    ra_ef = min(0.7 * stroke_total * ra_vol / (la_vol + ra_vol) / ra_vol, 0.8)
+    anatomy = Anatomy(
+        sex_male=male,
+        thorax_half_width_mm=float(thorax_w),
+        thorax_half_depth_mm=float(thorax_d),
+        chest_wall_mm=float(np.clip(n(14.0, 2.0), 9.0, 22.0)),
+        subcutaneous_fat_mm=subcut,
+        phase=phase,
+        heart_rate_bpm=hr,
+        lv_edv_ml=float(edv),
+        lv_esv_ml=float(esv),
+        lv_myocardial_ml=float(lv_myo_ml),
+        rv_edv_ml=float(rv_edv),
+        rv_ef=rv_ef,
+        la_max_ml=float(la_vol),
+        la_ef=la_ef,
+        ra_max_ml=float(ra_vol),
+        ra_ef=ra_ef,
+        epicardial_fat_ml=epi_fat,
+        effusion_mm=effusion,
+        aorta_diameter_mm=aorta_diam,
+        pa_diameter_mm=pa_diam,
+        coronary_agatston=cac,
+        av_agatston=av_ca,
+        mac_volume_mm3=mac,
+        blood_hu=blood_hu,
+        myocardium_hu=myo_hu,
+        noise_sd_hu=noise_sd,
+    )
+    gt = {
+        "gt_cardiac_phase": round(phase, 4),
+        "gt_heart_rate_bpm": round(hr, 1),
+        "gt_coronary_agatston": round(cac, 1),
+        "gt_av_agatston": round(av_ca, 1),
+        "gt_mac_volume_mm3": round(mac, 1),
+        "gt_heart_volume_ml": round(anatomy.heart_volume_ml, 1),
+        "gt_lv_myocardial_volume_ml": round(lv_myo_ml, 1),
+        "gt_epicardial_fat_ml": round(epi_fat, 1),
+        "gt_effusion_thickness_mm": round(effusion, 2),
+        "gt_pa_diameter_mm": round(pa_diam, 2),
+        "gt_blood_hu": round(blood_hu, 2),
+        "gt_myocardium_hu": round(myo_hu, 2),
+        "gt_noise_sd_hu": round(noise_sd, 2),
+        "gt_haemoglobin_g_dl": round(hb, 2),
+        "gt_lvef_percent": round(ef_true, 2),
+        "gt_lvidd_cm": round(lvidd_true, 3),
+        "gt_lvids_cm": round(lvids_true, 3),
+        "gt_ivsd_cm": round(ivsd_true, 3),
+        "gt_lvpwd_cm": round(lvpwd_true, 3),
+        "gt_pasp_mmhg": round(pasp_true, 2),
+        "gt_rv_edv_ml": round(rv_edv, 1),
+        "gt_la_volume_ml": round(la_vol, 1),
+        "gt_ra_volume_ml": round(ra_vol, 1),
+    }
+    latent = {"cm_sev": cm_sev, "htn_sev": htn_sev, "as_sev": as_sev, "ar_sev": ar_sev, "mr_sev": mr_sev,
+              "tr_sev": tr_sev, "pr_sev": pr_sev, "af": float(af), "pre_ph": float(pre_ph)}
+    return Patient(index=index, patient_id=patient_id(index), table=table, gt=gt, anatomy=anatomy, latent=latent)
+
+
+def _value(table: dict, key: str) -> float:
+    v = table.get(key)
+    if v is None or v == "":
+        return float("nan")
+    return float(v)
+
+
+def derive_labels(table: dict) -> dict[str, float]:
+    """The ten task labels from a table row by their thresholds (1.0, 0.0 or NaN when the measurement is missing).
+
+    ``shd_flag`` (any structural heart disease) is 1 if any other label is 1 or the effusion is moderate or
+    large; 0 if LVEF, wall thickness and all four valve grades were assessed and none is abnormal (PASP and TRV are
+    not required: without a TR jet, PASP cannot be estimated and is read as not elevated); missing otherwise.
+    """
+    lvef = _value(table, "lvef_percent")
+    walls = [_value(table, "ivsd_cm"), _value(table, "lvpwd_cm")]
+    wall = np.nan if all(math.isnan(w) for w in walls) else np.nanmax(walls)
+    vmax = _value(table, "av_peak_velocity_m_s")
+    pasp = _value(table, "pasp_mmhg")
+    trv = _value(table, "tr_max_velocity_m_s")
+
+    def flag(value: float, predicate) -> float:
+        return float("nan") if math.isnan(value) else float(predicate(value))
+
+    labels = {
+        "lvef_lte_45_flag": flag(lvef, lambda v: v <= 45.0),
+        "lvwt_gte_13_flag": flag(wall, lambda v: v >= 1.3),
+        "aortic_stenosis_moderate_severe_flag": flag(vmax, lambda v: v >= 3.0),  # AHA/ACC 2020: Vmax ≥ 3 m/s
+        "aortic_regurgitation_moderate_severe_flag": grade_at_least(table.get("ar_grade"), "moderate"),
+        "mitral_regurgitation_moderate_severe_flag": grade_at_least(table.get("mr_grade"), "moderate"),
+        "tricuspid_regurgitation_moderate_severe_flag": grade_at_least(table.get("tr_grade"), "moderate"),
+        "pulmonary_regurgitation_moderate_severe_flag": grade_at_least(table.get("pr_grade"), "moderate"),
+        "pasp_gte_45_flag": flag(pasp, lambda v: v >= 45.0),
+        "tr_max_gte_32_flag": flag(trv, lambda v: v >= 3.2),
+    }
+    effusion = grade_at_least(table.get("pericardial_effusion"), "moderate", EFFUSION_GRADES)
+    components = list(labels.values()) + [effusion]
+    required = [labels[k] for k in LABELS[:7]]
+    if any(v == 1.0 for v in components):
+        shd = 1.0
+    elif not any(math.isnan(v) for v in required):
+        shd = 0.0
+    else:
+        shd = float("nan")
+    labels["shd_flag"] = shd
+    return labels
+
+
+def derive_concepts(table: dict) -> dict[str, float]:
+    """The four NW concepts: 1.0 if the measurement lies outside its normal interval, 0.0 inside, NaN if missing.
+
+    This is defect 2 of the public code fixed: a missing measurement gives a missing concept, never "abnormal".
+    """
+    out = {}
+    for name, (column, (low, high)) in CONCEPTS.items():
+        v = _value(table, column)
+        out[name] = float("nan") if math.isnan(v) else float(v < low or v > high)
+    return out

@@ -1,0 +1,127 @@
+"""Run every numbered notebook headless through papermill: ``python -m xcardia reproduce --profile P``.
+
+Notebooks ``notebooks/NN_name.ipynb`` run in numeric order with the parameters ``profile``, ``seed``,
+``output_dir`` and ``data`` injected into their ``parameters`` cell; executed copies go to
+``<out>/notebooks/``, figures to ``<out>/figures/``, numbers to ``<out>/metrics.json`` and ``<out>/summary.md``.
+The first failing notebook stops the run with its name and failing cell. New notebooks need no change here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xcardia.config import get_profile
+from xcardia.errors import XcardiaError
+from xcardia.paths import default_output_dir, notebooks_dir, project_root
+from xcardia.results import read_metrics, update_metrics, write_summary
+
+NOTEBOOK_PATTERN = re.compile(r"^(\d+)_.+\.ipynb$")
+
+
+class NotebookFailed(XcardiaError):
+    """A notebook raised during execution; the message names the notebook and the failing cell."""
+
+
+def list_notebooks(directory: str | os.PathLike | None = None) -> list[Path]:
+    """The numbered notebooks of ``directory`` in numeric order."""
+    directory = Path(directory) if directory else notebooks_dir()
+    found = [p for p in directory.iterdir() if NOTEBOOK_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: (int(NOTEBOOK_PATTERN.match(p.name).group(1)), p.name))
+
+
+def _select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+    if not only:
+        return notebooks
+    chosen = []
+    for key in only:
+        key = key.strip()
+        hits = [p for p in notebooks if p.name.startswith(key) or p.stem == key
+                or (key.isdigit() and int(NOTEBOOK_PATTERN.match(p.name).group(1)) == int(key))]
+        if not hits:
+            raise XcardiaError(f"--only {key!r} matches no notebook; available: {', '.join(p.name for p in notebooks)}")
+        chosen += [h for h in hits if h not in chosen]
+    return sorted(chosen, key=notebooks.index)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(), capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_root(),
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return "unknown"
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def execute_notebook(notebook: Path, output: Path, parameters: dict, timeout_s: int) -> None:
+    """Execute one notebook with papermill (kernel ``python3``) and raise :class:`NotebookFailed` on error."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(output), parameters=parameters, kernel_name="python3",
+            execution_timeout=timeout_s, progress_bar=False, cwd=str(notebook.parent), log_output=False,
+        )
+    except PapermillExecutionError as exc:
+        raise NotebookFailed(
+            f"notebook {notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+            f"{exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''} — the executed notebook with the error "
+            f"is {output}"
+        ) from None
+
+
+def reproduce(profile: str = "cpu", out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+              seed: int = 0, only: list[str] | None = None, notebooks: str | os.PathLike | None = None,
+              log=print) -> Path:
+    """Execute the numbered notebooks for ``profile`` and return the output folder.
+
+    Args:
+        profile: ``smoke``, ``cpu`` or ``paper``.
+        out: output folder (default ``outputs/<profile>``).
+        data: a real manifest or cohort folder to use instead of the synthetic cohort.
+        seed: the seed passed to every notebook.
+        only: run only these notebooks (numbers or names).
+        notebooks: folder holding the notebooks (default: the repository's ``notebooks/``).
+        log: where progress lines go.
+
+    Raises:
+        NotebookFailed: at the first notebook that fails.
+    """
+    prof = get_profile(profile)
+    out_dir = Path(out) if out else default_output_dir(profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir.resolve()
+    chosen = _select(list_notebooks(notebooks), only)
+    if not chosen:
+        raise XcardiaError(f"no numbered notebooks found in {notebooks or notebooks_dir()}")
+    data = str(Path(data).resolve()) if data else None
+    parameters = {"profile": profile, "seed": seed, "output_dir": str(out_dir), "data": data, "interactive": False}
+    start = time.perf_counter()
+    timings = dict(read_metrics(out_dir).get("run", {}).get("notebook_wall_time_s", {}))
+    for nb in chosen:
+        log(f"[xcardia] running {nb.name} (profile {profile}) ...")
+        t0 = time.perf_counter()
+        execute_notebook(nb, out_dir / "notebooks" / nb.name, parameters, prof.notebook_timeout_s)
+        timings[nb.name] = round(time.perf_counter() - t0, 1)
+        log(f"[xcardia]   done in {timings[nb.name]:.0f} s")
+    command = f"python -m xcardia reproduce --profile {profile}" + (f" --data {data}" if data else "")
+    update_metrics(out_dir, "run", {
+        "profile": profile, "seed": seed, "commit": _git_commit(), "command": command,
+        "python": sys.version.split()[0], "wall_time_s": round(time.perf_counter() - start, 1),
+        "notebook_wall_time_s": timings,
+    })
+    summary = write_summary(out_dir)
+    log(f"[xcardia] executed notebooks: {out_dir / 'notebooks'}")
+    log(f"[xcardia] figures:            {out_dir / 'figures'}")
+    log(f"[xcardia] metrics and summary: {out_dir / 'metrics.json'}, {summary}")
+    return out_dir

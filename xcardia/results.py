@@ -1,0 +1,106 @@
+"""Machine-readable results of a reproduction: ``metrics.json`` (one section per notebook) and ``summary.md``.
+
+Each notebook writes its numbers with :func:`update_metrics`; the runner renders ``summary.md`` from the merged
+file at the end, so a number in the summary is always one a notebook measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def to_jsonable(value):
+    """Plain JSON types: numpy scalars/arrays → Python, NaN/inf → None, tuples → lists, Paths → str."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [to_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return to_jsonable(value.to_dict())
+    return value
+
+
+def write_json_atomic(path: Path, payload) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics(output_dir: str | os.PathLike) -> dict:
+    path = Path(output_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_metrics(output_dir: str | os.PathLike, section: str, values: dict) -> Path:
+    """Replace ``section`` of ``output_dir/metrics.json`` with ``values`` (other sections are kept)."""
+    metrics = read_metrics(output_dir)
+    metrics[section] = to_jsonable(values)
+    return write_json_atomic(Path(output_dir) / "metrics.json", metrics)
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def summary_markdown(metrics: dict) -> str:
+    """The human summary of a reproduction, rendered only from ``metrics.json``."""
+    lines = ["# X-Cardia companion — reproduction summary", ""]
+    run = metrics.get("run", {})
+    if run:
+        lines += [f"- profile: `{run.get('profile')}`; seed: {run.get('seed')}; commit: `{run.get('commit')}`",
+                  f"- command: `{run.get('command')}`", f"- wall time: {run.get('wall_time_s', 0) / 60:.1f} min", ""]
+    cohort = metrics.get("cohort")
+    if cohort:
+        lines += ["## Cohort (notebook 01)", "", f"{cohort.get('n_patients')} patients; splits {cohort.get('split_counts')}.", ""]
+        prev = cohort.get("prevalence", {})
+        if prev:
+            lines += ["| task | prevalence | EchoNext | best single CT measurement | its AUROC |", "|---|---|---|---|---|"]
+            vis = cohort.get("ct_visibility", {})
+            for task, p in prev.items():
+                v = vis.get(task, {})
+                lines.append(f"| {task} | {_fmt(p.get('measured'))} | {_fmt(p.get('echonext'))} | "
+                             f"{v.get('best_measurement') or '–'} | {_fmt(v.get('best_auroc'))} |")
+            lines.append("")
+    for section, renderer in _SECTION_RENDERERS.items():
+        if section in metrics:
+            lines += renderer(metrics[section])
+    return "\n".join(lines) + "\n"
+
+
+#: Later notebooks register how their section reads in the summary (section name → lines).
+_SECTION_RENDERERS: dict = {}
+
+
+def register_summary_section(name: str):
+    def wrap(fn):
+        _SECTION_RENDERERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def write_summary(output_dir: str | os.PathLike) -> Path:
+    path = Path(output_dir) / "summary.md"
+    tmp = path.with_name("summary.md.tmp")
+    tmp.write_text(summary_markdown(read_metrics(output_dir)))
+    os.replace(tmp, path)
+    return path
