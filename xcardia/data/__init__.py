@@ -1,0 +1,1 @@
+"""Cohort manifests: reading, validation and CT preprocessing for synthetic and real cohorts."""
