@@ -107,3 +107,16 @@ def test_repository_notebooks_are_committed_clean_with_a_parameters_cell():
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert not any(c.get("outputs") for c in code), f"{path.name} has outputs"
         assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in code) == 1, path.name
+
+
+def test_notebook_01_runs_on_a_real_manifest_in_paper_names_and_shows_no_patient_ids(paper_cohort, tmp_path):
+    out = reproduce(profile="smoke", out=tmp_path / "real", data=paper_cohort, only=["01"], log=lambda *_: None)
+    text = (out / "notebooks" / "01_data.ipynb").read_text()
+    outputs = [o for c in nbformat.reads(text, as_version=4).cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    texts = [o.get("text", "") for o in outputs] + [
+        str(o.get("data", {}).get(kind, "")) for o in outputs for kind in ("text/plain", "text/html")]
+    rendered = "\n".join(texts)  # what a reader sees (images are checked by eye: aggregate plots only)
+    assert "real cohort" in rendered
+    for pid in ("P01", "P02", "P03", "P04"):
+        assert pid not in rendered
+    assert read_metrics(out)["cohort"]["synthetic"] is False

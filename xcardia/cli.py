@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_positive_int, default=1)
     g.add_argument("--out", required=True, help="output folder (new, empty, or holding this same cohort)")
 
+    v = sub.add_parser("validate", help="check a manifest and every file it points to (exit 0 clean, 1 otherwise)")
+    v.add_argument("manifest", help="manifest.csv or a cohort folder")
+    v.add_argument("--deep", action="store_true", help="read every voxel (NaNs, constant or unrescaled volumes)")
+    v.add_argument("--aliases", choices=["paper"], help="accept the paper's column names and report the mapping")
+    v.add_argument("--report", help="also write the report as JSON to this file")
+    v.add_argument("--npy-spacing", type=_positive_float, help="voxel spacing (mm) of .npy volumes")
+
     r = sub.add_parser("reproduce", help="run every notebook through papermill")
     r.add_argument("--profile", choices=_profile_names(), default="cpu")
     r.add_argument("--out", help="output folder (default: outputs/<profile>)")
@@ -118,6 +125,16 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    from xcardia.data.validate import validate_manifest, write_report
+
+    report = validate_manifest(args.manifest, deep=args.deep, aliases=args.aliases, npy_spacing_mm=args.npy_spacing)
+    print(report.to_text())
+    if args.report:
+        write_report(report, args.report)
+    return 0 if report.ok else 1
+
+
 def _cmd_reproduce(args) -> int:
     from xcardia.reproduce import reproduce
 
@@ -128,6 +145,7 @@ def _cmd_reproduce(args) -> int:
 
 COMMANDS = {
     "generate": _cmd_generate,
+    "validate": _cmd_validate,
     "reproduce": _cmd_reproduce,
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,7 +131,9 @@ def load_ct(path: str | os.PathLike, spec: PreprocessSpec):
             img = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine))
         else:
             reader = "NibabelReader" if kind == "nifti" else "PydicomReader"
-            img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(p))
+            with warnings.catch_warnings():  # optional GPU DICOM codecs are absent on CPU machines; pydicom decodes
+                warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+                img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(p))
     except XcardiaError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -162,7 +165,7 @@ def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
     from monai.transforms import GaussianSmooth, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
 
     img = load_ct(path, spec)
-    img = Orientation(axcodes="RAS")(img)
+    img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
     current = np.abs(np.asarray(img.pixdim, dtype=float))
     target = float(spec.spacing_mm)
     sigma = np.maximum((target / current - 1.0) / 2.0, 0.0)  # anti-aliasing before downsampling
