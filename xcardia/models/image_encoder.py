@@ -1,0 +1,111 @@
+"""3D CT image encoders from MONAI's ResNet family (the Kensho Hara 3D ResNets the paper uses).
+
+An :class:`ImageEncoder` is a ResNet backbone (no classifier), global average pooling, and a linear map to the
+paper's 128-d image feature. Pretraining adds a projection MLP (128 → 256 → 256) on top; fine-tuning adds task
+heads. Presets: ``paper`` = ResNet-50 (Bottleneck, widths 64–512, 2048-d pooled features); the CPU presets are
+narrow ResNet-10/18 that train at 100–250 volumes/s at 32³ on 2 cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from xcardia.errors import XcardiaError
+
+ARCHITECTURES = {
+    "resnet10": ("basic", [1, 1, 1, 1]),
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+}
+
+
+@dataclass(frozen=True)
+class ImageEncoderSpec:
+    """Architecture of the image encoder.
+
+    Attributes:
+        arch: ``resnet10``, ``resnet18``, ``resnet34`` or ``resnet50``.
+        widths: channels of the four stages (ResNet-50 multiplies by 4 inside its bottlenecks).
+        conv1_size: stem kernel size (isotropic).
+        conv1_stride: stem stride, an int or one per axis; the paper's stem keeps the slice axis (our Z) at
+            stride 1: (2, 2, 1).
+        max_pool: max-pool after the stem.
+        feature_dim: the image feature size (the paper: 128).
+    """
+
+    arch: str = "resnet18"
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    conv1_size: int = 7
+    conv1_stride: int | tuple[int, int, int] = 2
+    max_pool: bool = True
+    feature_dim: int = 128
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["conv1_stride"] = list(self.conv1_stride) if isinstance(self.conv1_stride, tuple) else self.conv1_stride
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageEncoderSpec":
+        stride = d["conv1_stride"]
+        return cls(arch=d["arch"], widths=tuple(d["widths"]), conv1_size=int(d["conv1_size"]),
+                   conv1_stride=tuple(stride) if isinstance(stride, (list, tuple)) else int(stride),
+                   max_pool=bool(d["max_pool"]), feature_dim=int(d["feature_dim"]))
+
+
+class ImageEncoder(nn.Module):
+    """CT volume (B, 1, X, Y, Z) → 128-d image feature (B, feature_dim).
+
+    ``trunk`` (stem to stage 3) and ``top`` (stage 4, pooling, feature map) split the network where the paper's
+    fine-tuning freezes it, so a frozen trunk's output can be computed once and cached.
+    """
+
+    def __init__(self, spec: ImageEncoderSpec):
+        super().__init__()
+        from monai.networks.nets import ResNet
+
+        if spec.arch not in ARCHITECTURES:
+            raise XcardiaError(f"unknown image encoder {spec.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        block, layers = ARCHITECTURES[spec.arch]
+        self.spec = spec
+        self.backbone = ResNet(block=block, layers=layers, block_inplanes=list(spec.widths), spatial_dims=3,
+                               n_input_channels=1, conv1_t_size=spec.conv1_size, conv1_t_stride=spec.conv1_stride,
+                               no_max_pool=not spec.max_pool, shortcut_type="B", feed_forward=False)
+        pooled = spec.widths[3] * (4 if block == "bottleneck" else 1)
+        self.pooled_dim = pooled
+        self.feature = nn.Linear(pooled, spec.feature_dim)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.act(b.bn1(b.conv1(x)))
+        if not b.no_max_pool:
+            x = b.maxpool(x)
+        return b.layer3(b.layer2(b.layer1(x)))
+
+    def top(self, h: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.avgpool(b.layer4(h)).flatten(1)
+        return self.feature(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(self.trunk(x))
+
+    def top_modules(self) -> list[nn.Module]:
+        """What the paper's fine-tuning trains: the last ResNet stage and the feature map after it."""
+        return [self.backbone.layer4, self.feature]
+
+
+class ProjectionHead(nn.Module):
+    """The paper's projection MLP: Linear → ReLU → Linear (128 → 256 → 256)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(inplace=True), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

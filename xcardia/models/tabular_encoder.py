@@ -1,0 +1,181 @@
+"""Tabular (ECHO + ECG) encoders and their preprocessing.
+
+- :class:`TabularPreprocessor` turns manifest columns into a standardised (N, F) matrix: categories become
+  ordinals (sex M=1/F=0, regurgitation grades 0–4, effusion 0–3); mean and SD are fitted on the pretraining
+  split only. Missing values stay NaN for learned missing-value tokens (default) or are KNN-imputed (the paper:
+  k = 5; here fitted on the pretraining split only and then applied to the others — the public code fitted a
+  separate imputer on every split).
+- :class:`FeatureTokenTransformer` is the paper's encoder: each feature j becomes a token x_j·W_j + b_j (or a
+  learned missing token M_j), then a pre-LN transformer (d = 256, 3 layers, 8 heads), mean pooling, LayerNorm
+  and a linear map.
+- :class:`TabularMLP` is the lighter option: values with missing indicators through an MLP.
+- :func:`scarf_corrupt` is SCARF-style augmentation (Bahri et al., ICLR 2022): a random subset of each row's
+  features is replaced by the same features of other rows of the batch.
+
+Which columns feed the encoder is configuration; :data:`DEFAULT_TABULAR_COLUMNS` excludes the four NW concept
+measurements and the values computed from them (Teichholz volumes, LV mass), as the paper excludes the concepts.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from xcardia.cohort.schema import (
+    COLUMN_BY_NAME,
+    CONCEPTS,
+    EFFUSION_GRADES,
+    REGURGITATION_GRADES,
+    columns_in_group,
+)
+
+CONCEPT_DERIVED = ("lv_edv_ml", "lv_esv_ml", "lv_mass_g", "lv_mass_index_g_m2")
+DEFAULT_TABULAR_COLUMNS: tuple[str, ...] = tuple(
+    c for c in columns_in_group("demographics", "echo", "ecg")
+    if c not in {m for m, _ in CONCEPTS.values()} and c not in CONCEPT_DERIVED
+)
+
+
+def _ordinal(column: str, values: pd.Series) -> np.ndarray:
+    spec = COLUMN_BY_NAME.get(column)
+    if spec is not None and spec.kind == "category":
+        vocabulary = {"sex": {"M": 1.0, "F": 0.0}}.get(column) or {
+            g: float(i) for i, g in enumerate(EFFUSION_GRADES if column == "pericardial_effusion" else REGURGITATION_GRADES)
+        }
+        return np.array([vocabulary.get(v, math.nan) if isinstance(v, str) else math.nan for v in values], dtype=float)
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+
+
+class TabularPreprocessor:
+    """Columns → standardised float matrix, fitted on the pretraining split.
+
+    Args:
+        columns: manifest columns to use (absent columns are all-missing features).
+        missing: ``"token"`` (keep NaN; the encoder learns a missing token per feature) or ``"knn"`` (impute).
+        knn_neighbors: k of the KNN imputer (paper: 5).
+    """
+
+    def __init__(self, columns: tuple[str, ...] = DEFAULT_TABULAR_COLUMNS, missing: str = "token", knn_neighbors: int = 5):
+        if missing not in ("token", "knn"):
+            raise ValueError(f"missing must be 'token' or 'knn', got {missing!r}")
+        self.columns = tuple(columns)
+        self.missing = missing
+        self.knn_neighbors = knn_neighbors
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self.knn_fit: np.ndarray | None = None
+        self._imputer = None
+
+    def raw(self, df: pd.DataFrame) -> np.ndarray:
+        out = np.full((len(df), len(self.columns)), np.nan)
+        for j, col in enumerate(self.columns):
+            if col in df:
+                out[:, j] = _ordinal(col, df[col])
+        return out
+
+    def fit(self, df: pd.DataFrame) -> "TabularPreprocessor":
+        x = self.raw(df)
+        with warnings.catch_warnings():  # an all-missing column has no mean: it gets 0 and SD 1
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(x, axis=0)
+            std = np.nanstd(x, axis=0)
+        self.mean = np.nan_to_num(mean)
+        self.std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+        if self.missing == "knn":
+            self.knn_fit = (x - self.mean) / self.std
+        return self
+
+    def _knn(self):
+        if self._imputer is None:
+            from sklearn.impute import KNNImputer
+
+            self._imputer = KNNImputer(n_neighbors=self.knn_neighbors, keep_empty_features=True).fit(self.knn_fit)
+        return self._imputer
+
+    def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """``(values (N, F) float32, missing (N, F) bool)``; in KNN mode values are imputed and nothing is missing."""
+        if self.mean is None:
+            raise RuntimeError("fit the preprocessor on the pretraining split first")
+        z = (self.raw(df) - self.mean) / self.std
+        missing = np.isnan(z)
+        if self.missing == "knn":
+            z = self._knn().transform(z)
+            missing = np.zeros_like(missing)
+        return z.astype(np.float32), missing
+
+    def state_dict(self) -> dict:
+        return {"columns": list(self.columns), "missing": self.missing, "knn_neighbors": self.knn_neighbors,
+                "mean": torch.as_tensor(self.mean), "std": torch.as_tensor(self.std),
+                "knn_fit": None if self.knn_fit is None else torch.as_tensor(self.knn_fit)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TabularPreprocessor":
+        pre = cls(tuple(state["columns"]), state["missing"], int(state["knn_neighbors"]))
+        pre.mean = state["mean"].numpy()
+        pre.std = state["std"].numpy()
+        pre.knn_fit = None if state["knn_fit"] is None else state["knn_fit"].numpy()
+        return pre
+
+
+class FeatureTokenTransformer(nn.Module):
+    """The paper's per-feature-token transformer.
+
+    Args:
+        n_features: F.
+        d_model: token size (paper: 256).
+        n_layers: transformer layers (paper: 3).
+        n_heads: attention heads (paper: 8).
+        ff_dim: feed-forward size (paper: 1024).
+        out_dim: output size (paper: 256).
+
+    Shapes: values (B, F) with NaN or any value where ``missing`` (B, F) is True → (B, out_dim).
+    """
+
+    def __init__(self, n_features: int, d_model: int = 256, n_layers: int = 3, n_heads: int = 8, ff_dim: int = 1024,
+                 out_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_features, d_model))
+        self.bias = nn.Parameter(torch.zeros(n_features, d_model))
+        self.missing_token = nn.Parameter(torch.randn(n_features, d_model) * 0.02)
+        nn.init.xavier_uniform_(self.weight)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, ff_dim, dropout=dropout, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, out_dim))
+        self.out_dim = out_dim
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        tokens = torch.nan_to_num(values)[..., None] * self.weight + self.bias
+        tokens = torch.where(missing[..., None], self.missing_token.expand_as(tokens), tokens)
+        return self.head(self.transformer(tokens).mean(dim=1))
+
+
+class TabularMLP(nn.Module):
+    """Values (missing → 0) concatenated with missing indicators, through a two-hidden-layer MLP."""
+
+    def __init__(self, n_features: int, hidden: int = 256, out_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * n_features, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        self.out_dim = out_dim
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        filled = torch.where(missing, torch.zeros_like(values), torch.nan_to_num(values))
+        return self.net(torch.cat([filled, missing.to(values.dtype)], dim=1))
+
+
+def scarf_corrupt(values: torch.Tensor, missing: torch.Tensor, rate: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace a random ``rate`` share of each row's features by the same feature of a random other row."""
+    if rate <= 0:
+        return values, missing
+    b, f = values.shape
+    corrupt = torch.rand(b, f, generator=generator, device=values.device) < rate
+    donors = torch.randint(0, b, (b, f), generator=generator, device=values.device)
+    cols = torch.arange(f, device=values.device).expand(b, f)
+    return (torch.where(corrupt, values[donors, cols], values),
+            torch.where(corrupt, missing[donors, cols], missing))

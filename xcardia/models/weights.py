@@ -1,0 +1,104 @@
+"""Encoder weight files for downstream use, loaded with an explicit key mapping.
+
+Defect 4 of the public code: fine-tuning loaded pretrained weights with ``strict=False`` under a key prefix that
+did not match, so the pretrained weights most likely never loaded and nobody was told. Here loading maps keys
+explicitly (from an encoder file, a pretraining checkpoint, or a state dict in the paper's naming) and refuses —
+listing the keys — unless every tensor of the encoder is loaded with the right shape. Files are read with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from xcardia.errors import XcardiaError
+from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
+
+ENCODER_FORMAT = "xcardia-image-encoder"
+#: Key prefixes of known sources → the encoder's own names.
+KEY_PREFIXES: dict[str, str] = {
+    "image_encoder.": "",        # an xcardia pretraining checkpoint's full model
+    "module.image_encoder.": "",  # the same saved from a DDP wrapper
+    "res3d.": "backbone.",       # the paper's MultiModalNW: its 3D ResNet ...
+    "fc_img.": "feature.",       # ... and its 2048 → 128 image feature layer
+}
+
+
+def save_encoder(path: str | os.PathLike, encoder: ImageEncoder, metadata: dict) -> Path:
+    """Write an encoder-only weights file (atomically) with its architecture and provenance."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": ENCODER_FORMAT, "version": 1, "spec": encoder.spec.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}, "metadata": metadata}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def map_encoder_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Encoder tensors of ``state_dict`` under the encoder's own key names (other tensors are dropped)."""
+    mapped = {}
+    for key, value in state_dict.items():
+        for prefix, replacement in KEY_PREFIXES.items():
+            if key.startswith(prefix):
+                mapped[replacement + key[len(prefix):]] = value
+                break
+        else:
+            if key.startswith(("backbone.", "feature.")):
+                mapped[key] = value
+    return mapped
+
+
+def load_encoder_state(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor], source: str = "weights") -> None:
+    """Load ``state_dict`` into ``encoder`` strictly, after mapping keys; refuse with the offending keys listed."""
+    mapped = map_encoder_keys(state_dict)
+    expected = encoder.state_dict()
+    missing = sorted(k for k in expected if k not in mapped)
+    wrong_shape = sorted(k for k in expected if k in mapped and tuple(mapped[k].shape) != tuple(expected[k].shape))
+    unexpected = sorted(k for k in mapped if k not in expected)
+    if missing or wrong_shape or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder tensor(s) missing (e.g. {', '.join(missing[:4])})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} with the wrong shape (e.g. {', '.join(wrong_shape[:4])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
+        raise XcardiaError(f"{source}: cannot load the image encoder: {'; '.join(parts)}. Pretrained weights are "
+                           f"never loaded partially; check that the architecture matches the profile")
+    encoder.load_state_dict(mapped, strict=True)
+
+
+def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
+    """An :class:`ImageEncoder` and its metadata from an encoder file, a pretraining run folder (its
+    ``encoder.pt``) or a pretraining checkpoint.
+
+    Raises:
+        XcardiaError: the path does not exist, is not an xcardia encoder or checkpoint, or does not load fully.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "encoder.pt"
+    if not p.exists():
+        raise XcardiaError(f"{p} does not exist; pass an encoder file (encoder.pt), a pretraining run folder, "
+                           f"or 'scratch'")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise XcardiaError(f"{p}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict):
+        raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint")
+    if payload.get("format") == ENCODER_FORMAT:
+        spec, state, metadata = payload["spec"], payload["state_dict"], payload.get("metadata", {})
+    elif "model" in payload and "config" in payload:  # a pretraining checkpoint
+        spec = payload["config"]["model"]["image"]
+        state, metadata = payload["model"], {"source": "checkpoint", "epoch": payload.get("epoch")}
+    else:
+        raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint (no 'format' or 'model' entry)")
+    encoder = ImageEncoder(ImageEncoderSpec.from_dict(spec))
+    load_encoder_state(encoder, state, source=str(p))
+    return encoder, metadata
