@@ -91,3 +91,33 @@ def run_distributed(task: str, world: int, out_dir: Path, timeout_s: float = 180
             if p.is_alive():
                 p.kill()
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def tiny_pretrain_specs(method: str = "clip", batch_size: int = 8, epochs: int = 1, bank: str = "kmeans"):
+    """Small, batch-independent settings (instance norm, no dropout, no augmentation) for exact comparisons."""
+    from xcardia.data.imaging import PreprocessSpec
+    from xcardia.models.image_encoder import ImageEncoderSpec
+    from xcardia.models.xcardia_model import ModelSpec
+    from xcardia.pretrain import PretrainSpec, apply_variant
+
+    model = ModelSpec(image=ImageEncoderSpec(arch="resnet10", widths=(8, 8, 16, 16), conv1_size=3, conv1_stride=2,
+                                             max_pool=False, norm="instance"),
+                      tabular_d_model=16, tabular_layers=1, tabular_heads=2, tabular_ff=32, tabular_dropout=0.0, proj_dim=16)
+    spec = PretrainSpec(method=method, epochs=epochs, batch_size=batch_size, lr=1e-3, restart_period=5,
+                        bank=bank, bank_refresh_every=1, augment=False, in_memory=True, seed=1)
+    model, spec = apply_variant(model, spec)
+    return model, spec, PreprocessSpec(shape=(24, 24, 24), spacing_mm=8.0)
+
+
+def pretrain_on_rank(rank: int, world: int) -> dict:
+    from xcardia.pretrain import pretrain
+
+    out = Path(os.environ["XCARDIA_TEST_OUT"])
+    model, spec, pre = tiny_pretrain_specs(os.environ.get("XCARDIA_TEST_METHOD", "clip"), batch_size=8 // world)
+    pretrain(os.environ["XCARDIA_TEST_DATA"], out / "run", model, spec, pre, cache_dir=out / "cache", progress=False,
+             log=lambda *_: None)
+    state = torch.load(out / "run" / "checkpoint.pt", weights_only=True) if rank == 0 else None
+    return {"model": state["model"] if state else {}, "bank": state["bank"] if state else None}
+
+
+TASKS["pretrain"] = pretrain_on_rank

@@ -108,6 +108,16 @@ def test_image_encoder_gives_the_128d_feature(arch, pooled):
     torch.testing.assert_close(enc.top(enc.trunk(x)), out)
 
 
+@pytest.mark.parametrize("norm, kind", [("instance", torch.nn.InstanceNorm3d), ("group", torch.nn.GroupNorm)])
+def test_batch_independent_norm_reaches_every_block(norm, kind):
+    enc = ImageEncoder(ImageEncoderSpec(arch="resnet18", widths=(8, 16, 16, 32), conv1_size=3, max_pool=False, norm=norm))
+    norms = [m for m in enc.modules() if isinstance(m, (torch.nn.BatchNorm3d, torch.nn.InstanceNorm3d, torch.nn.GroupNorm))]
+    assert norms and all(isinstance(m, kind) for m in norms)
+    enc.eval()
+    x = torch.randn(3, 1, 24, 24, 24)
+    torch.testing.assert_close(enc(x)[:1], enc(x[:1]))  # a sample's features do not depend on its batch
+
+
 def test_unknown_architecture_is_refused():
     with pytest.raises(XcardiaError, match="resnet"):
         ImageEncoder(ImageEncoderSpec(arch="vgg16"))

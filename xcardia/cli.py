@@ -87,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--report", help="also write the report as JSON to this file")
     v.add_argument("--npy-spacing", type=_positive_float, help="voxel spacing (mm) of .npy volumes")
 
+    t = sub.add_parser("pretrain", help="pretrain a CT encoder (runs under torchrun unchanged)")
+    t.add_argument("--method", required=True, choices=["clip", "xcardia", "nw_only"])
+    t.add_argument("--data", required=True, help="manifest.csv or cohort folder")
+    t.add_argument("--profile", choices=_profile_names(), default="cpu")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--variant", choices=["paper", "fixed"], help="paper: the public code's settings; fixed: corrected")
+    t.add_argument("--nw-query", choices=["fused", "image"])
+    t.add_argument("--bank", choices=["kmeans", "queue", "batch"])
+    t.add_argument("--batch-size", type=_positive_int, help="per process")
+    t.add_argument("--workers", type=int, help="data loader processes")
+    t.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
+    t.add_argument("--activation-checkpointing", action="store_true", help="GPU: recompute ResNet stages")
+    t.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
+
     r = sub.add_parser("reproduce", help="run every notebook through papermill")
     r.add_argument("--profile", choices=_profile_names(), default="cpu")
     r.add_argument("--out", help="output folder (default: outputs/<profile>)")
@@ -135,6 +152,22 @@ def _cmd_validate(args) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_pretrain(args) -> int:
+    from xcardia.config import get_profile
+    from xcardia.pretrain import pretrain, profile_run_specs
+
+    profile = get_profile(args.profile)
+    overrides = {"epochs": args.epochs, "seed": args.seed, "variant": args.variant, "nw_query": args.nw_query,
+                 "bank": args.bank, "batch_size": args.batch_size, "num_workers": args.workers}
+    if args.activation_checkpointing:
+        overrides["activation_checkpointing"] = True
+    if args.compile:
+        overrides["compile"] = True
+    model_spec, spec = profile_run_specs(profile, args.method, **overrides)
+    pretrain(args.data, args.out, model_spec, spec, profile.preprocess, cache_dir=args.cache, resume=args.resume)
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from xcardia.reproduce import reproduce
 
@@ -146,6 +179,7 @@ def _cmd_reproduce(args) -> int:
 COMMANDS = {
     "generate": _cmd_generate,
     "validate": _cmd_validate,
+    "pretrain": _cmd_pretrain,
     "reproduce": _cmd_reproduce,
 }
 

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field, replace
 
 from xcardia.cohort.generate import CohortSpec
 from xcardia.cohort.render import RenderSpec
+from xcardia.data.imaging import PreprocessSpec
+from xcardia.models.image_encoder import ImageEncoderSpec
+from xcardia.models.xcardia_model import ModelSpec
+from xcardia.pretrain import PretrainSpec
 
 
 @dataclass(frozen=True)
@@ -23,18 +27,39 @@ class Profile:
     Attributes:
         name: profile name.
         cohort: the synthetic cohort it generates.
+        model: encoder architectures (the variant's temperatures are applied per run).
+        pretrain: pretraining hyper-parameters shared by every run of the profile.
+        pretrain_runs: named pretraining runs: name → overrides of ``pretrain`` (method, variant, query, …).
         generate_workers: processes used to generate the cohort.
         notebook_timeout_s: papermill execution timeout per notebook cell.
     """
 
     name: str
     cohort: CohortSpec
+    model: ModelSpec
+    pretrain: PretrainSpec
+    pretrain_runs: dict = field(default_factory=dict)
     generate_workers: int = 2
     notebook_timeout_s: int = 1800
-    extra: dict = field(default_factory=dict)
 
     def with_cohort(self, **changes) -> "Profile":
         return replace(self, cohort=replace(self.cohort, **changes))
+
+    def with_seed(self, seed: int) -> "Profile":
+        """The same profile with ``seed`` for the cohort and for everything trained."""
+        return replace(self, cohort=replace(self.cohort, seed=seed), pretrain=replace(self.pretrain, seed=seed))
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        """CTs are prepared at the cohort's geometry (a synthetic cohort needs no resampling)."""
+        return PreprocessSpec(shape=self.cohort.render.shape, spacing_mm=self.cohort.render.spacing_mm)
+
+
+#: The three methods every profile pretrains, and the extra run of the CPU reference: X-Cardia whose NW query is
+#: the image embedding alone (DESIGN §4, "beyond the paper").
+CORE_RUNS = {"clip": {"method": "clip"}, "xcardia": {"method": "xcardia"}, "nw_only": {"method": "nw_only"}}
+CPU_RUNS = {**CORE_RUNS, "xcardia_image_query": {"method": "xcardia", "nw_query": "image"}}
+SMALL_TABULAR = dict(tabular_d_model=64, tabular_layers=2, tabular_heads=4, tabular_ff=128)
 
 
 PROFILES: dict[str, Profile] = {
@@ -42,6 +67,11 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         cohort=CohortSpec(n_patients=300, seed=0, render=RenderSpec((32, 32, 32), 6.0, "heart"),
                           split_fractions=(0.5, 0.2, 0.1, 0.2)),
+        model=ModelSpec(image=ImageEncoderSpec(arch="resnet10", widths=(16, 32, 64, 128), conv1_size=5,
+                                               conv1_stride=2, max_pool=False), **SMALL_TABULAR),
+        pretrain=PretrainSpec(epochs=2, batch_size=16, lr=1e-3, restart_period=2, bank_refresh_every=1,
+                              in_memory=True),
+        pretrain_runs=CORE_RUNS,
         generate_workers=2,
         notebook_timeout_s=600,
     ),
@@ -49,6 +79,11 @@ PROFILES: dict[str, Profile] = {
         name="cpu",
         cohort=CohortSpec(n_patients=4000, seed=0, render=RenderSpec((32, 32, 32), 6.0, "heart"),
                           split_fractions=(0.5, 0.2, 0.1, 0.2)),
+        model=ModelSpec(image=ImageEncoderSpec(arch="resnet18", widths=(16, 32, 64, 128), conv1_size=5,
+                                               conv1_stride=2, max_pool=False), **SMALL_TABULAR),
+        pretrain=PretrainSpec(epochs=10, batch_size=32, lr=5e-4, restart_period=10, bank_refresh_every=2,
+                              in_memory=True),
+        pretrain_runs=CPU_RUNS,
         generate_workers=2,
         notebook_timeout_s=3600,
     ),
@@ -56,6 +91,10 @@ PROFILES: dict[str, Profile] = {
         name="paper",
         cohort=CohortSpec(n_patients=20574, seed=0, render=RenderSpec((164, 164, 164), 2.0, "chest"),
                           split_fractions=(0.5, 0.2, 0.1, 0.2)),
+        model=ModelSpec(image=ImageEncoderSpec(arch="resnet50", widths=(64, 128, 256, 512), conv1_size=7,
+                                               conv1_stride=(2, 2, 1), max_pool=True)),
+        pretrain=PretrainSpec(epochs=80, batch_size=8, lr=1e-4, num_workers=8, bf16=True, channels_last=True),
+        pretrain_runs=CORE_RUNS,
         generate_workers=16,
         notebook_timeout_s=7 * 24 * 3600,
     ),

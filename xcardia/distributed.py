@@ -59,9 +59,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    # the successor of torch.distributed.nn.functional.all_gather (deprecated in torch 2.13): its backward
+    # reduce-scatters (sums) the gradients back to the rank that owns each slice
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 @torch.no_grad()

@@ -86,16 +86,20 @@ def summary_markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: Later notebooks register how their section reads in the summary (section name → lines).
-_SECTION_RENDERERS: dict = {}
+def _pretraining_lines(section: dict) -> list[str]:
+    lines = ["## Pretraining (notebook 02)", "",
+             "| run | method | variant | best epoch | val concept mAP | val concept AUROC | image-only query AUROC |",
+             "|---|---|---|---|---|---|---|"]
+    image_only = {r["run"]: r["mean"] for r in section.get("nw_query_comparison", []) if r.get("query") == "image"}
+    for name, run in section.get("runs", {}).items():
+        lines.append(f"| {name} | {run.get('method')} | {run.get('variant')} | {run.get('best_epoch')} | "
+                     f"{_fmt(run.get('val_concept_map'))} | {_fmt(run.get('val_concept_auroc_at_best'))} | "
+                     f"{_fmt(image_only.get(name))} |")
+    return lines + [""]
 
 
-def register_summary_section(name: str):
-    def wrap(fn):
-        _SECTION_RENDERERS[name] = fn
-        return fn
-
-    return wrap
+#: How each notebook's section of metrics.json reads in the summary.
+_SECTION_RENDERERS = {"pretraining": _pretraining_lines}
 
 
 def write_summary(output_dir: str | os.PathLike) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,6 +28,9 @@ import torch
 from xcardia.errors import XcardiaError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# MONAI logs a warning whenever it builds its DICOM reader on a machine without the optional GPU codec; pydicom
+# decodes instead, so the message is noise for CPU users.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

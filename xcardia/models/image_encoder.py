@@ -35,6 +35,8 @@ class ImageEncoderSpec:
             stride 1: (2, 2, 1).
         max_pool: max-pool after the stem.
         feature_dim: the image feature size (the paper: 128).
+        norm: ``batch`` (the paper), ``instance`` or ``group`` (8 groups); the last two do not depend on the batch,
+            which matters at the small per-GPU batches of 3-D training.
     """
 
     arch: str = "resnet18"
@@ -43,6 +45,7 @@ class ImageEncoderSpec:
     conv1_stride: int | tuple[int, int, int] = 2
     max_pool: bool = True
     feature_dim: int = 128
+    norm: str = "batch"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,7 +58,7 @@ class ImageEncoderSpec:
         stride = d["conv1_stride"]
         return cls(arch=d["arch"], widths=tuple(d["widths"]), conv1_size=int(d["conv1_size"]),
                    conv1_stride=tuple(stride) if isinstance(stride, (list, tuple)) else int(stride),
-                   max_pool=bool(d["max_pool"]), feature_dim=int(d["feature_dim"]))
+                   max_pool=bool(d["max_pool"]), feature_dim=int(d["feature_dim"]), norm=d.get("norm", "batch"))
 
 
 class ImageEncoder(nn.Module):
@@ -72,24 +75,45 @@ class ImageEncoder(nn.Module):
         if spec.arch not in ARCHITECTURES:
             raise XcardiaError(f"unknown image encoder {spec.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         block, layers = ARCHITECTURES[spec.arch]
+        norms = {"batch": "batch", "instance": ("instance", {"affine": True}), "group": ("group", {"num_groups": 8})}
+        if spec.norm not in norms:
+            raise XcardiaError(f"unknown norm {spec.norm!r}; choose one of {', '.join(norms)}")
         self.spec = spec
         self.backbone = ResNet(block=block, layers=layers, block_inplanes=list(spec.widths), spatial_dims=3,
                                n_input_channels=1, conv1_t_size=spec.conv1_size, conv1_t_stride=spec.conv1_stride,
-                               no_max_pool=not spec.max_pool, shortcut_type="B", feed_forward=False)
+                               no_max_pool=not spec.max_pool, shortcut_type="B", feed_forward=False,
+                               norm=norms[spec.norm])
+        if spec.norm != "batch":
+            # MONAI 1.6's ResNet passes `norm` to its stem only (`_make_layer` is called without it), so the blocks
+            # and shortcuts keep BatchNorm: replace those here.
+            from monai.networks.layers.utils import get_norm_layer
+
+            _replace_batchnorm(self.backbone, lambda c: get_norm_layer(name=norms[spec.norm], spatial_dims=3, channels=c))
         pooled = spec.widths[3] * (4 if block == "bottleneck" else 1)
         self.pooled_dim = pooled
         self.feature = nn.Linear(pooled, spec.feature_dim)
+        #: recompute each ResNet stage in the backward pass instead of storing its activations (GPU memory)
+        self.checkpoint_stages = False
+
+    def _stage(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_stages and self.training and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, x, use_reentrant=False)
+        return layer(x)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
         x = b.act(b.bn1(b.conv1(x)))
         if not b.no_max_pool:
             x = b.maxpool(x)
-        return b.layer3(b.layer2(b.layer1(x)))
+        for layer in (b.layer1, b.layer2, b.layer3):
+            x = self._stage(layer, x)
+        return x
 
     def top(self, h: torch.Tensor) -> torch.Tensor:
         b = self.backbone
-        x = b.avgpool(b.layer4(h)).flatten(1)
+        x = b.avgpool(self._stage(b.layer4, h)).flatten(1)
         return self.feature(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +122,18 @@ class ImageEncoder(nn.Module):
     def top_modules(self) -> list[nn.Module]:
         """What the paper's fine-tuning trains: the last ResNet stage and the feature map after it."""
         return [self.backbone.layer4, self.feature]
+
+
+def _replace_batchnorm(module: nn.Module, make) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm3d):
+            replacement = make(child.num_features)
+            if getattr(replacement, "weight", None) is not None:
+                nn.init.ones_(replacement.weight)
+                nn.init.zeros_(replacement.bias)
+            setattr(module, name, replacement)
+        else:
+            _replace_batchnorm(child, make)
 
 
 class ProjectionHead(nn.Module):

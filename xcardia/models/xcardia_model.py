@@ -29,6 +29,7 @@ class ModelSpec:
         image: image encoder architecture.
         tabular: ``"transformer"`` (the paper) or ``"mlp"``.
         tabular_d_model, tabular_layers, tabular_heads, tabular_ff: transformer size (paper: 256, 3, 8, 1024).
+        tabular_dropout: transformer dropout (PyTorch's default 0.1, as the paper).
         proj_dim: projection size (paper: 256).
         clip_temperature: CLIP τ (paper: 0.07, fixed).
         learnable_clip_temperature: learn CLIP's logit scale (clamped at ln 100).
@@ -42,6 +43,7 @@ class ModelSpec:
     tabular_layers: int = 3
     tabular_heads: int = 8
     tabular_ff: int = 1024
+    tabular_dropout: float = 0.1
     proj_dim: int = 256
     clip_temperature: float = 0.07
     learnable_clip_temperature: bool = False
@@ -70,7 +72,8 @@ class XCardiaModel(nn.Module):
         self.image_projection = ProjectionHead(spec.image.feature_dim, spec.proj_dim)
         if spec.tabular == "transformer":
             self.tabular_encoder = FeatureTokenTransformer(n_tabular_features, spec.tabular_d_model, spec.tabular_layers,
-                                                           spec.tabular_heads, spec.tabular_ff, out_dim=spec.proj_dim)
+                                                           spec.tabular_heads, spec.tabular_ff, out_dim=spec.proj_dim,
+                                                           dropout=spec.tabular_dropout)
         elif spec.tabular == "mlp":
             self.tabular_encoder = TabularMLP(n_tabular_features, spec.tabular_d_model, out_dim=spec.proj_dim)
         else:

@@ -1,0 +1,128 @@
+"""Embeddings of patients under a pretrained model, and analyses built on them (NW query comparison).
+
+:func:`embed_run` loads a pretraining run (its selected encoder and, for the full model, its last checkpoint),
+embeds the patients of chosen splits and caches the result in ``<run>/embeddings/`` keyed by the manifest and
+the patients, so notebooks 02 and 03 compute each embedding once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from xcardia.cohort.schema import CONCEPT_NAMES
+from xcardia.data.dataset import CohortDataset
+from xcardia.data.imaging import PreprocessCache, PreprocessSpec
+from xcardia.errors import XcardiaError
+from xcardia.losses import nw_predict
+from xcardia.models.tabular_encoder import TabularPreprocessor
+from xcardia.models.weights import load_encoder_state
+from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
+from xcardia.support_bank import kmeans_exemplars
+
+
+def load_run_model(run_dir: str | os.PathLike) -> tuple[XCardiaModel, TabularPreprocessor, dict]:
+    """The full pretraining model of a run, with its *selected* image encoder (``encoder.pt``) and the last
+    checkpoint's tabular tower, plus the run configuration."""
+    run = Path(run_dir)
+    if not (run / "checkpoint.pt").exists():
+        raise XcardiaError(f"{run} holds no pretraining checkpoint")
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    config = state["config"]
+    pre = TabularPreprocessor.from_state_dict(state["tabular"])
+    model = XCardiaModel(ModelSpec.from_dict(config["model"]), len(pre.columns))
+    model.load_state_dict(state["model"])
+    encoder = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
+    load_encoder_state(model.image_encoder, encoder["state_dict"], source=str(run / "encoder.pt"))
+    return model.eval(), pre, config
+
+
+def _key(manifest: pd.DataFrame, rows: np.ndarray, run: Path) -> str:
+    blob = json.dumps({"manifest": manifest.attrs.get("path"), "rows": rows.tolist(),
+                       "encoder_mtime": (run / "encoder.pt").stat().st_mtime_ns})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train",), cache_dir=None,
+              batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Embeddings of the patients of ``splits``.
+
+    Returns:
+        ``feature`` (N, 128) image features (what downstream models use), ``image`` and ``tabular`` (N, 256)
+        projections, ``concepts`` (N, 4), ``labels`` (N, 10), ``rows`` (N,) manifest positions.
+    """
+    run = Path(run_dir)
+    rows = np.flatnonzero(manifest["split"].astype(str).isin(splits).to_numpy())
+    cache_file = run / "embeddings" / f"{'-'.join(splits)}_{_key(manifest, rows, run)}.npz"
+    if cache_file.exists():
+        return dict(np.load(cache_file))
+    model, pre, config = load_run_model(run)
+    preprocess = PreprocessSpec(**{**config["preprocess"], "shape": tuple(config["preprocess"]["shape"]),
+                                   "hu_window": tuple(config["preprocess"]["hu_window"])})
+    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
+    ds = CohortDataset(manifest, rows, cache, pre.transform(manifest), None, 0, in_memory=False)
+    out: dict[str, list] = {"feature": [], "image": [], "tabular": [], "concepts": [], "labels": [], "rows": []}
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        feature = model.image_encoder(batch["image"])
+        out["feature"].append(feature)
+        out["image"].append(model.image_projection(feature))
+        out["tabular"].append(model.embed_tabular(batch["tab_values"], batch["tab_missing"]))
+        out["concepts"].append(batch["concepts"])
+        out["labels"].append(batch["labels"])
+        out["rows"].append(batch["index"])
+    arrays = {k: torch.cat(v).numpy() for k, v in out.items()}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache_file)
+    return arrays
+
+
+def _query(emb: dict, mode: str) -> torch.Tensor:
+    return XCardiaModel.nw_query(torch.as_tensor(emb["image"]), torch.as_tensor(emb["tabular"]), mode)
+
+
+def nw_query_comparison(run_dir, manifest: pd.DataFrame, cache_dir=None, k_per_concept: int = 5,
+                        temperatures=None, seed: int = 0) -> pd.DataFrame:
+    """Validation concept AUROC of NW predictions with the fused query (paper) and the image-only query.
+
+    For each query kind, the support bank is the paper's k-means exemplars of the training patients embedded
+    the same way; the temperature is the run's (learned or fixed) NW τ unless ``temperatures`` are given.
+    """
+    from xcardia.metrics import auroc
+
+    model, _, _ = load_run_model(run_dir)
+    train = embed_run(run_dir, manifest, ("pretrain", "train"), cache_dir)
+    val = embed_run(run_dir, manifest, ("val",), cache_dir)
+    taus = temperatures or [model.nw_temperature().item()]
+    rows = []
+    for mode in ("fused", "image"):
+        support = _query(train, mode)
+        picks = kmeans_exemplars(support.numpy(), train["concepts"], k_per_concept, seed)
+        for tau in taus:
+            pred, _ = nw_predict(_query(val, mode), support[picks], torch.as_tensor(train["concepts"][picks]), tau)
+            row = {"query": mode, "nw_temperature": tau}
+            for c, name in enumerate(CONCEPT_NAMES):
+                row[name] = auroc(val["concepts"][:, c], pred[:, c].numpy())
+            row["mean"] = float(np.nanmean([row[n] for n in CONCEPT_NAMES]))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def bank_exemplars(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The support bank a run ended with: manifest row of each exemplar and its concept targets."""
+    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    bank = state["bank"] if state.get("bank") else state.get("queue")
+    if bank is None:
+        return pd.DataFrame(columns=["row", *CONCEPT_NAMES])
+    frame = pd.DataFrame(bank["targets"].numpy(), columns=list(CONCEPT_NAMES))
+    frame.insert(0, "row", bank["indices"].numpy())
+    return frame[frame["row"] >= 0].reset_index(drop=True)

@@ -1,0 +1,548 @@
+"""Pretraining engine: align CT with ECHO/ECG phenotypes (CLIP + λ_nw·NW), on a CPU, one GPU or many.
+
+    python -m xcardia pretrain --method xcardia --data outputs/cpu/cohort --profile cpu --out runs/xcardia
+    torchrun --nproc_per_node 8 -m xcardia pretrain --method xcardia --data DATA --profile paper --out RUN
+
+Methods: ``clip`` (λ_nw = 0), ``xcardia`` (CLIP + λ_nw·NW), ``nw_only`` (NW alone). Variants: ``paper`` reproduces
+the public code's settings (NW τ = 1 fixed, KNN imputation, fused query); ``fixed`` (default) learns the NW τ
+(from 0.1) and uses missing-value tokens. Whatever the variant, the defects of the public code stay fixed:
+unreadable CTs are errors, missing concepts are masked, negatives and the support bank are global under DDP.
+
+A run folder holds ``checkpoint.pt`` (everything needed to resume exactly, written atomically every epoch),
+``encoder.pt`` (the image encoder selected by the best validation concept mAP, as the paper selects), ``log.csv``
+and ``log.json`` (one row per epoch) and ``run.json`` (configuration, status, selection). Only ``pretrain`` and
+``train`` patients take gradient steps; ``val`` selects the model; ``test`` is never read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from xcardia import __version__
+from xcardia.cohort.schema import CONCEPT_NAMES
+from xcardia.data.dataset import AugmentSpec, CohortDataset
+from xcardia.data.imaging import PreprocessCache, PreprocessSpec
+from xcardia.data.manifest import load_manifest
+from xcardia.distributed import (
+    all_reduce_mean,
+    barrier,
+    gather_no_grad,
+    init_from_environment,
+    is_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
+from xcardia.errors import XcardiaError
+from xcardia.losses import clip_loss, masked_bce, nw_predict
+from xcardia.metrics import auprc, auroc, expected_calibration_error, nanmean
+from xcardia.models.tabular_encoder import DEFAULT_TABULAR_COLUMNS, TabularPreprocessor, scarf_corrupt
+from xcardia.models.weights import save_encoder
+from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
+from xcardia.results import to_jsonable
+from xcardia.support_bank import QueueBank, SupportBank, build_kmeans_bank
+
+METHODS = ("clip", "xcardia", "nw_only")
+VARIANTS = ("paper", "fixed")
+TRAINING_SPLITS = ("pretrain", "train")
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Pretraining hyper-parameters (defaults: the public code's).
+
+    Attributes:
+        method: ``clip``, ``xcardia`` or ``nw_only``.
+        variant: ``paper`` or ``fixed`` (see the module docstring); applied by :func:`apply_variant`.
+        epochs, batch_size, lr, weight_decay: paper: 80, 8 per GPU, 1e-4, 1e-5 (AdamW).
+        restart_period, restart_mult, min_lr: cosine annealing with warm restarts (paper: 10, 2, 1e-6).
+        lambda_nw: weight of the NW loss (paper: 0.5).
+        nw_query: ``fused`` (paper) or ``image``.
+        nw_kernel: ``cosine`` (paper) or ``euclidean``.
+        bank: ``kmeans`` (paper), ``queue`` or ``batch``.
+        bank_k_per_concept, bank_refresh_every: paper: 5 exemplars per concept, rebuilt every 5 epochs.
+        queue_size: capacity of the queue bank.
+        tabular_missing: ``token`` (learned missing tokens) or ``knn`` (the paper's imputation).
+        scarf_rate: share of tabular features corrupted per row (0 = off).
+        augment: small affine and noise augmentation of the CT (off, as the public code's default).
+        num_workers: data loader processes.
+        in_memory: keep preprocessed CTs in RAM (CPU-sized profiles).
+        bf16, channels_last, activation_checkpointing, compile: GPU options (ignored on CPU).
+        seed: everything random (initialisation, order, augmentation, k-means).
+    """
+
+    method: str = "xcardia"
+    variant: str = "fixed"
+    epochs: int = 80
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    restart_period: int = 10
+    restart_mult: int = 2
+    min_lr: float = 1e-6
+    lambda_nw: float = 0.5
+    nw_query: str = "fused"
+    nw_kernel: str = "cosine"
+    bank: str = "kmeans"
+    bank_k_per_concept: int = 5
+    bank_refresh_every: int = 5
+    queue_size: int = 4096
+    tabular_missing: str = "token"
+    scarf_rate: float = 0.0
+    augment: bool = False
+    num_workers: int = 0
+    in_memory: bool = False
+    bf16: bool = False
+    channels_last: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise XcardiaError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.variant not in VARIANTS:
+            raise XcardiaError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        for name, allowed in (("nw_query", ("fused", "image")), ("nw_kernel", ("cosine", "euclidean")),
+                              ("bank", ("kmeans", "queue", "batch")), ("tabular_missing", ("token", "knn"))):
+            if getattr(self, name) not in allowed:
+                raise XcardiaError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise XcardiaError("epochs must be ≥ 1 and batch_size ≥ 2 (CLIP needs negatives)")
+
+    @property
+    def clip_weight(self) -> float:
+        return 0.0 if self.method == "nw_only" else 1.0
+
+    @property
+    def nw_weight(self) -> float:
+        return 0.0 if self.method == "clip" else self.lambda_nw
+
+
+def apply_variant(model: ModelSpec, spec: PretrainSpec) -> tuple[ModelSpec, PretrainSpec]:
+    """Settings that distinguish the ``paper`` variant from the ``fixed`` one."""
+    if spec.variant == "paper":
+        return (replace(model, nw_temperature=1.0, learnable_nw_temperature=False, clip_temperature=0.07,
+                        learnable_clip_temperature=False), replace(spec, tabular_missing="knn"))
+    return replace(model, nw_temperature=0.1, learnable_nw_temperature=True), replace(spec, tabular_missing="token")
+
+
+def effective_model_spec(model: ModelSpec, spec: PretrainSpec) -> ModelSpec:
+    """A temperature the method never uses is not learned (so every learned parameter gets a gradient, as DDP
+    without unused-parameter search requires)."""
+    if spec.nw_weight == 0:
+        model = replace(model, learnable_nw_temperature=False)
+    if spec.clip_weight == 0:
+        model = replace(model, learnable_clip_temperature=False)
+    return model
+
+
+def run_config(model: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec, manifest_path: str,
+               tabular_columns) -> dict:
+    return {"model": model.to_dict(), "pretrain": asdict(spec), "preprocess": preprocess.key(),
+            "tabular_columns": list(tabular_columns), "data": str(manifest_path)}
+
+
+#: Settings that may differ between a run and its resumption (they do not change the result).
+RESUMABLE_DIFFERENCES = ("epochs", "num_workers")
+
+
+def _comparable(config: dict) -> dict:
+    c = json.loads(json.dumps(config))
+    for key in RESUMABLE_DIFFERENCES:
+        c["pretrain"].pop(key, None)
+    return c
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} → {vb!r}")
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.as_tensor(np_state[1].astype(np.int64)),
+                                                        int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class _Embedder:
+    """Embeds a dataset with the current model (eval mode, no gradient), sharded across ranks."""
+
+    def __init__(self, dataset: CohortDataset, batch_size: int, device, num_workers: int):
+        sampler = DistributedSampler(dataset, shuffle=False) if is_distributed() else None
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                 num_workers=num_workers)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, model: XCardiaModel, query: str, autocast) -> dict[str, torch.Tensor]:
+        was_training = model.training
+        model.eval()
+        parts: dict[str, list] = {"query": [], "image": [], "tabular": [], "concepts": [], "index": []}
+        for batch in self.loader:
+            image = batch["image"].to(self.device, non_blocking=True)
+            with autocast():
+                e_img, e_tab = model(image, batch["tab_values"].to(self.device), batch["tab_missing"].to(self.device))
+            e_img, e_tab = e_img.float(), e_tab.float()
+            parts["query"].append(XCardiaModel.nw_query(e_img, e_tab, query))
+            parts["image"].append(e_img)
+            parts["tabular"].append(e_tab)
+            parts["concepts"].append(batch["concepts"].to(self.device))
+            parts["index"].append(batch["index"].to(self.device))
+        model.train(was_training)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def concept_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
+    """Per-concept and mean AUROC, AUPRC (mAP) and ECE of NW concept predictions (masked where missing)."""
+    out = {}
+    for c, name in enumerate(CONCEPT_NAMES):
+        out[f"{name}_auroc"] = auroc(targets[:, c], predictions[:, c])
+        out[f"{name}_auprc"] = auprc(targets[:, c], predictions[:, c])
+        out[f"{name}_ece"] = expected_calibration_error(targets[:, c], predictions[:, c])
+    out["concept_auroc"] = nanmean([out[f"{n}_auroc"] for n in CONCEPT_NAMES])
+    out["concept_map"] = nanmean([out[f"{n}_auprc"] for n in CONCEPT_NAMES])
+    out["concept_ece"] = nanmean([out[f"{n}_ece"] for n in CONCEPT_NAMES])
+    return out
+
+
+def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
+    """Checks on the run folder; returns the checkpoint to resume from (or None), raises on conflicts."""
+    checkpoint = out / "checkpoint.pt"
+    run_json = out / "run.json"
+    if resume:
+        if not checkpoint.exists():
+            raise XcardiaError(f"--resume: {checkpoint} does not exist; start without --resume")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        diff = _config_differences(_comparable(state["config"]), _comparable(config))
+        if diff:
+            raise XcardiaError(f"--resume: {checkpoint} was written with a different configuration "
+                               f"({'; '.join(diff[:5])}); resume with the original settings or use another --out")
+        return state
+    if checkpoint.exists() or run_json.exists():
+        raise XcardiaError(f"{out} already holds a pretraining run; pass --resume to continue it or choose another --out")
+    return None
+
+
+def finished_run(out: str | os.PathLike, config: dict) -> bool:
+    """True when ``out`` holds a complete run of exactly this configuration (notebooks reuse it)."""
+    run_json = Path(out) / "run.json"
+    if not run_json.exists():
+        return False
+    info = json.loads(run_json.read_text())
+    return info.get("status") == "complete" and info.get("config") == json.loads(json.dumps(config))
+
+
+def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model_spec: ModelSpec, spec: PretrainSpec,
+             preprocess: PreprocessSpec, cache_dir: str | os.PathLike | None = None, resume: bool = False,
+             tabular_columns=DEFAULT_TABULAR_COLUMNS, progress: bool = True, on_step=None, log=print) -> Path:
+    """Pretrain one encoder and return its run folder.
+
+    Args:
+        manifest_path: manifest or cohort folder.
+        out_dir: the run folder (new, or an interrupted run with ``resume``).
+        model_spec: architecture (``apply_variant`` already applied).
+        spec: hyper-parameters.
+        preprocess: CT preprocessing (shape, spacing, window).
+        cache_dir: preprocessed-CT cache (default: ``<out_dir>/../cache``).
+        resume: continue from ``out_dir/checkpoint.pt`` (same configuration, possibly more epochs).
+        tabular_columns: manifest columns of the tabular encoder.
+        progress: a tqdm bar per epoch (rank 0).
+        on_step: optional ``callback(epoch, step)`` after each optimiser step.
+        log: where rank 0's progress lines go.
+
+    Raises:
+        XcardiaError: bad data, a conflicting run folder, or a resume with a different configuration.
+    """
+    out = Path(out_dir)
+    device = init_from_environment()
+    model_spec = effective_model_spec(model_spec, spec)
+    manifest_file = load_manifest(manifest_path)
+    config = run_config(model_spec, spec, preprocess, manifest_file.attrs["path"], tabular_columns)
+    resumed = _prepare_run_dir(out, config, resume)
+    barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    say = log if main else (lambda *_: None)
+    _seed_everything(spec.seed)
+    cuda = device.type == "cuda"
+
+    manifest = manifest_file
+    split = manifest["split"].astype(str)
+    train_rows = np.flatnonzero(split.isin(TRAINING_SPLITS).to_numpy())
+    val_rows = np.flatnonzero((split == "val").to_numpy())
+    if len(train_rows) < spec.batch_size * world_size():
+        raise XcardiaError(f"{len(train_rows)} pretrain/train patients is fewer than one global batch "
+                           f"({spec.batch_size} × {world_size()}); lower --batch-size or add patients")
+    pre = (TabularPreprocessor.from_state_dict(resumed["tabular"]) if resumed else
+           TabularPreprocessor(tuple(tabular_columns), spec.tabular_missing).fit(
+               manifest.iloc[np.flatnonzero((split == "pretrain").to_numpy()) if (split == "pretrain").any() else train_rows]))
+    tabular = pre.transform(manifest)
+    cache = PreprocessCache(Path(cache_dir) if cache_dir else out.parent / "cache", preprocess)
+    augment = AugmentSpec() if spec.augment else None
+    train_ds = CohortDataset(manifest, train_rows, cache, tabular, augment, spec.seed, spec.in_memory)
+    plain_ds = CohortDataset(manifest, train_rows, cache, tabular, None, spec.seed, spec.in_memory)
+    plain_ds._images = train_ds._images  # the same volumes in RAM, never loaded twice
+    val_ds = CohortDataset(manifest, val_rows, cache, tabular, None, spec.seed, spec.in_memory)
+    shard = lambda n: range(rank(), n, world_size())  # noqa: E731 - each rank prepares its share of the cache
+    train_ds.warm(shard(len(train_ds)) if not spec.in_memory else None, progress and main, "preprocessing training CTs")
+    val_ds.warm(shard(len(val_ds)) if not spec.in_memory else None, progress and main, "preprocessing validation CTs")
+    barrier()
+
+    model = XCardiaModel(model_spec, len(pre.columns)).to(device)
+    if cuda and spec.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    model.image_encoder.checkpoint_stages = bool(cuda and spec.activation_checkpointing)
+    if spec.clip_weight == 0 and spec.nw_query == "image":  # nothing reaches the tabular tower: keep it frozen
+        for module in (model.tabular_encoder, model.tabular_projection):
+            module.requires_grad_(False)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) \
+        if is_distributed() else model
+    forward = torch.compile(net) if (cuda and spec.compile) else net
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
+                                  weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=spec.restart_period,
+                                                                     T_mult=spec.restart_mult, eta_min=spec.min_lr)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and spec.bf16) else \
+        (lambda: torch.autocast("cpu", enabled=False))
+
+    sampler = DistributedSampler(train_ds, num_replicas=world_size(), rank=rank(), shuffle=True, seed=spec.seed,
+                                 drop_last=True)
+    loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers,
+                        drop_last=True, pin_memory=cuda, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(spec.seed))
+    embed_train = _Embedder(plain_ds, max(spec.batch_size, 16), device, spec.num_workers)
+    embed_val = _Embedder(val_ds, max(spec.batch_size, 16), device, spec.num_workers)
+
+    queue = QueueBank(spec.queue_size, model_spec.proj_dim, len(CONCEPT_NAMES), device) if spec.bank == "queue" else None
+    bank: SupportBank | None = None
+    history: list[dict] = []
+    best = {"epoch": None, "concept_map": -math.inf}
+    start_epoch, step_count = 0, 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        bank = SupportBank.from_state_dict(resumed["bank"], device) if resumed.get("bank") else None
+        if queue is not None:
+            queue.load_state_dict(resumed["queue"])
+        history, best = resumed["history"], resumed["best"]
+        start_epoch, step_count = int(resumed["epoch"]), int(resumed["step"])
+        _set_rng_state(resumed["rng"])
+        say(f"[pretrain] resuming {out} at epoch {start_epoch + 1}/{spec.epochs}")
+
+    def rebuild_kmeans_bank() -> SupportBank:
+        embedded = embed_train(model, spec.nw_query, autocast)
+        return build_kmeans_bank(embedded["query"], embedded["concepts"], embedded["index"],
+                                 spec.bank_k_per_concept, spec.seed)
+
+    if bank is None and spec.bank in ("kmeans", "batch"):
+        bank = rebuild_kmeans_bank()  # the paper builds its bank before the first epoch
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, spec.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        sums = {"loss": 0.0, "clip": 0.0, "nw": 0.0}
+        n_batches, wait, t_epoch = 0, 0.0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not (progress and main), leave=False)
+        t_ready = time.perf_counter()
+        for step, batch in enumerate(bar):
+            wait += time.perf_counter() - t_ready
+            image = batch["image"].to(device, non_blocking=True)
+            if cuda and spec.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+            values, missing = batch["tab_values"].to(device), batch["tab_missing"].to(device)
+            concepts = batch["concepts"].to(device)
+            if spec.scarf_rate > 0:
+                g = torch.Generator(device=values.device).manual_seed(spec.seed * 1_000_003 + step_count)
+                values, missing = scarf_corrupt(values, missing, spec.scarf_rate, g)
+            with autocast():
+                e_img, e_tab = forward(image, values, missing)
+            e_img, e_tab = e_img.float(), e_tab.float()
+            loss = torch.zeros((), device=device)
+            if spec.clip_weight:
+                l_clip = clip_loss(e_img, e_tab, model.clip_temperature())
+                loss = loss + spec.clip_weight * l_clip
+                sums["clip"] += l_clip.item()
+            if spec.nw_weight:
+                query = XCardiaModel.nw_query(e_img, e_tab, spec.nw_query)
+                exclude = None
+                if spec.bank == "kmeans":
+                    support, targets = bank.embeddings, bank.targets
+                elif spec.bank == "queue":
+                    current = queue.bank()
+                    support, targets = (current.embeddings, current.targets) if len(current) else (query, concepts)
+                    exclude = None if len(current) else torch.eye(len(query), dtype=torch.bool, device=device)
+                else:
+                    support, targets = query, concepts
+                    exclude = torch.eye(len(query), dtype=torch.bool, device=device)
+                prediction, _ = nw_predict(query, support, targets, model.nw_temperature(), spec.nw_kernel,
+                                           exclude=exclude)
+                l_nw = masked_bce(prediction, concepts)
+                loss = loss + spec.nw_weight * l_nw
+                sums["nw"] += l_nw.item()
+                if queue is not None:
+                    queue.enqueue(query.detach(), concepts, batch["index"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += loss.item()
+            n_batches += 1
+            step_count += 1
+            if on_step is not None:
+                on_step(epoch, step)
+            t_ready = time.perf_counter()
+        bar.close()
+        scheduler.step()
+        if spec.bank in ("kmeans", "batch") and (epoch + 1) % spec.bank_refresh_every == 0:
+            bank = rebuild_kmeans_bank()
+
+        # validation: NW concept predictions from the current bank, and the CLIP loss on val batches
+        row = {"epoch": epoch + 1, "step": step_count, "lr": optimizer.param_groups[0]["lr"],
+               **{f"train_{k}": all_reduce_mean(torch.tensor(v / max(n_batches, 1))).item() for k, v in sums.items()},
+               "clip_temperature": model.clip_temperature().item(), "nw_temperature": model.nw_temperature().item()}
+        if len(val_ds):
+            val = embed_val(model, spec.nw_query, autocast)
+            support_bank = queue.bank() if queue is not None else bank
+            order = gather_no_grad(val["index"]).cpu().numpy()  # a padded sampler repeats some patients: drop them
+            keep = torch.as_tensor(np.unique(order, return_index=True)[1], device=device)
+            q_all = gather_no_grad(val["query"])[keep]
+            c_all = gather_no_grad(val["concepts"])[keep]
+            with torch.no_grad():
+                pred, _ = nw_predict(q_all, support_bank.embeddings, support_bank.targets, model.nw_temperature(),
+                                     spec.nw_kernel)
+                img_all, tab_all = gather_no_grad(val["image"])[keep], gather_no_grad(val["tabular"])[keep]
+                n = img_all.shape[0] // spec.batch_size * spec.batch_size
+                val_clip = [float(clip_loss(img_all[i:i + spec.batch_size], tab_all[i:i + spec.batch_size],
+                                            model.clip_temperature())) for i in range(0, n, spec.batch_size)]
+            row.update({f"val_{k}": v for k, v in concept_metrics(pred.cpu().numpy(), c_all.cpu().numpy()).items()})
+            row["val_clip"] = float(np.mean(val_clip)) if val_clip else math.nan
+        row["bank_size"] = len(queue.bank()) if queue is not None else len(bank) if bank is not None else 0
+        row["epoch_seconds"] = time.perf_counter() - t_epoch
+        row["data_wait_share"] = wait / max(row["epoch_seconds"], 1e-9)
+        history.append(to_jsonable(row))
+        score = row.get("val_concept_map", math.nan)
+        improved = (best["epoch"] is None) or (not math.isnan(score) and score > best["concept_map"])
+        if improved:
+            best = {"epoch": epoch + 1, "concept_map": score if not math.isnan(score) else -math.inf}
+        if main:
+            say(f"[pretrain] {spec.method} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} "
+                f"val concept AUROC {row.get('val_concept_auroc', math.nan):.3f} mAP {score:.3f} "
+                f"({row['epoch_seconds']:.0f} s)")
+            meta = {"method": spec.method, "variant": spec.variant, "epoch": epoch + 1,
+                    "val_concept_map": row.get("val_concept_map"), "selection": "best validation concept mAP",
+                    "model": model_spec.to_dict(), "preprocess": preprocess.key(), "xcardia_version": __version__,
+                    "run": str(out.resolve())}
+            if improved:
+                save_encoder(out / "encoder.pt", model.image_encoder, meta)
+            _write_logs(out, history)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step_count,
+                     "rng": _rng_state(), "bank": bank.state_dict() if bank is not None else None,
+                     "queue": queue.state_dict() if queue is not None else None, "tabular": pre.state_dict(),
+                     "history": history, "best": best, "config": config, "xcardia_version": __version__}
+            _write_atomic(out / "checkpoint.pt", lambda p: torch.save(state, p))
+            _write_run_json(out, config, "running", best, history, time.perf_counter() - started)
+        barrier()
+
+    if main:
+        _write_run_json(out, config, "complete", best, history, time.perf_counter() - started)
+        say(f"[pretrain] {spec.method}: best epoch {best['epoch']} (val concept mAP {best['concept_map']:.3f}); "
+            f"encoder: {out / 'encoder.pt'}")
+    barrier()
+    return out
+
+
+def _write_logs(out: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+
+    def write_csv(path):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
+    _write_atomic(out / "log.csv", write_csv)
+    _write_atomic(out / "log.json", lambda p: p.write_text(json.dumps(history, indent=1) + "\n"))
+
+
+def _write_run_json(out: Path, config: dict, status: str, best: dict, history: list, seconds: float) -> None:
+    payload = {"status": status, "config": config, "selection": {"criterion": "best validation concept mAP",
+               "epoch": best["epoch"], "val_concept_map": best["concept_map"]},
+               "epochs_done": len(history), "wall_time_s": round(seconds, 1), "xcardia_version": __version__}
+    _write_atomic(out / "run.json", lambda p: p.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n"))
+
+
+def read_log(run_dir: str | os.PathLike):
+    """The per-epoch log of a run as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(json.loads((Path(run_dir) / "log.json").read_text()))
+
+
+def profile_run_specs(profile, name: str, **overrides) -> tuple[ModelSpec, PretrainSpec]:
+    """Model and pretraining specs of the profile's run ``name`` (``clip``, ``xcardia``, ``nw_only``, …), with
+    ``overrides`` (e.g. ``epochs``, ``seed``, ``variant``) applied and the variant's settings resolved."""
+    if name not in profile.pretrain_runs and name not in METHODS:
+        raise XcardiaError(f"profile {profile.name!r} has no pretraining run {name!r}; "
+                           f"choose one of {', '.join(profile.pretrain_runs)}")
+    settings = {**profile.pretrain_runs.get(name, {"method": name}), **{k: v for k, v in overrides.items() if v is not None}}
+    spec = replace(profile.pretrain, **settings)
+    return apply_variant(profile.model, spec)
+
+
+def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, cache_dir=None, progress: bool = True,
+                         log=print, **overrides) -> Path:
+    """Pretrain the profile's run ``name`` into ``runs_dir/name``, or reuse it when that folder already holds the
+    same finished run (how notebooks avoid retraining)."""
+    model_spec, spec = profile_run_specs(profile, name, **overrides)
+    out = Path(runs_dir) / name
+    config = run_config(effective_model_spec(model_spec, spec), spec, profile.preprocess,
+                        load_manifest(data).attrs["path"], DEFAULT_TABULAR_COLUMNS)
+    if finished_run(out, config):
+        log(f"[pretrain] reusing the finished run {out}")
+        return out
+    resume = (out / "checkpoint.pt").exists()
+    return pretrain(data, out, model_spec, spec, profile.preprocess, cache_dir=cache_dir, resume=resume,
+                    progress=progress, log=log)
