@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation-checkpointing", action="store_true", help="GPU: recompute ResNet stages")
     t.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
 
+    for name, helptext in (("finetune", "fine-tune encoders on the ten tasks (paper protocol, linear probe, "
+                                         "scratch end to end) over label fractions"),
+                           ("fewshot", "true k-shot evaluation: k positives + k negatives per task, many seeds")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--init", action="append", required=True, metavar="INIT",
+                       help="'scratch', a pretraining run folder or an encoder file; NAME=PATH names it (repeatable)")
+        e.add_argument("--data", required=True, help="manifest.csv or cohort folder")
+        e.add_argument("--profile", choices=_profile_names(), default="cpu")
+        e.add_argument("--out", required=True, help="results folder")
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
+        if name == "fewshot":
+            e.add_argument("--k", help="comma-separated k values (default: the profile's)")
+            e.add_argument("--seeds", type=_positive_int, help="draws per k and task (default: the profile's)")
+
     r = sub.add_parser("reproduce", help="run every notebook through papermill")
     r.add_argument("--profile", choices=_profile_names(), default="cpu")
     r.add_argument("--out", help="output folder (default: outputs/<profile>)")
@@ -168,6 +183,61 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _parse_inits(values: list[str]) -> dict[str, str]:
+    from pathlib import Path
+
+    inits = {}
+    for value in values:
+        name, _, path = value.partition("=") if "=" in value else ("", "", value)
+        if path != "scratch" and not Path(path).exists():
+            raise XcardiaError(f"--init {value}: {path} does not exist; pass 'scratch', a pretraining run folder or "
+                               f"an encoder file")
+        name = name or ("scratch" if path == "scratch" else Path(path).stem if Path(path).is_file() else Path(path).name)
+        if name in inits:
+            raise XcardiaError(f"--init {value}: the name {name!r} is used twice; name them with NAME=PATH")
+        inits[name] = path
+    return inits
+
+
+def _cmd_evaluate(args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from xcardia import reporting
+    from xcardia.config import get_profile
+    from xcardia.finetune import fewshot_experiment, finetune_experiment
+    from xcardia.results import update_metrics, write_summary
+
+    profile = get_profile(args.profile)
+    inits = _parse_inits(args.init)
+    spec = profile.finetune
+    out = Path(args.out)
+    if args.command == "finetune":
+        records, predictions, y_test = finetune_experiment(profile, args.data, inits, out, args.cache, spec, args.seed,
+                                                           progress=True)
+        section = reporting.finetune_section(records, predictions, y_test, spec.n_boot, args.seed)
+        update_metrics(out, "finetune", section)
+        update_metrics(out, "claims", reporting.claims_from_sections(section, None))
+    else:
+        if args.k:
+            try:
+                ks = tuple(int(k) for k in args.k.split(","))
+            except ValueError:
+                raise XcardiaError(f"--k {args.k!r}: give comma-separated positive integers, e.g. 1,5,10,25") from None
+            if min(ks) < 1:
+                raise XcardiaError(f"--k {args.k!r}: every k must be at least 1")
+            spec = replace(spec, ks=ks, kshot_paper_ks=tuple(k for k in ks if k in spec.kshot_paper_ks) or ks)
+        if args.seeds:
+            spec = replace(spec, kshot_seeds=args.seeds)
+        records, _, _ = fewshot_experiment(profile, args.data, inits, out, args.cache, spec, args.seed, progress=True)
+        section = reporting.fewshot_section(records, k_table=5 if 5 in spec.ks else spec.ks[0])
+        update_metrics(out, "fewshot", section)
+        update_metrics(out, "claims", reporting.claims_from_sections(None, section))
+    summary = write_summary(out)
+    print(f"results: {out / 'metrics.json'}, {summary}")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from xcardia.reproduce import reproduce
 
@@ -180,6 +250,8 @@ COMMANDS = {
     "generate": _cmd_generate,
     "validate": _cmd_validate,
     "pretrain": _cmd_pretrain,
+    "finetune": _cmd_evaluate,
+    "fewshot": _cmd_evaluate,
     "reproduce": _cmd_reproduce,
 }
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from xcardia.cohort.generate import CohortSpec
 from xcardia.cohort.render import RenderSpec
 from xcardia.data.imaging import PreprocessSpec
+from xcardia.finetune import FinetuneSpec
 from xcardia.models.image_encoder import ImageEncoderSpec
 from xcardia.models.xcardia_model import ModelSpec
 from xcardia.pretrain import PretrainSpec
@@ -30,6 +31,7 @@ class Profile:
         model: encoder architectures (the variant's temperatures are applied per run).
         pretrain: pretraining hyper-parameters shared by every run of the profile.
         pretrain_runs: named pretraining runs: name → overrides of ``pretrain`` (method, variant, query, …).
+        finetune: downstream protocols, fractions, k-shot settings and bootstrap size.
         generate_workers: processes used to generate the cohort.
         notebook_timeout_s: papermill execution timeout per notebook cell.
     """
@@ -39,6 +41,7 @@ class Profile:
     model: ModelSpec
     pretrain: PretrainSpec
     pretrain_runs: dict = field(default_factory=dict)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     generate_workers: int = 2
     notebook_timeout_s: int = 1800
 
@@ -72,6 +75,9 @@ PROFILES: dict[str, Profile] = {
         pretrain=PretrainSpec(epochs=2, batch_size=16, lr=1e-3, restart_period=2, bank_refresh_every=1,
                               in_memory=True),
         pretrain_runs=CORE_RUNS,
+        finetune=FinetuneSpec(max_epochs=5, patience=2, kshot_epochs=10, scratch_all_max_epochs=2,
+                              fractions=(0.1, 1.0), fraction_seeds=(123,), ks=(1, 5), kshot_seeds=3,
+                              kshot_paper_ks=(5,), n_boot=200),
         generate_workers=2,
         notebook_timeout_s=600,
     ),
@@ -84,6 +90,8 @@ PROFILES: dict[str, Profile] = {
         pretrain=PretrainSpec(epochs=10, batch_size=32, lr=5e-4, restart_period=10, bank_refresh_every=2,
                               in_memory=True),
         pretrain_runs=CPU_RUNS,
+        # the paper's protocol at k = 5 and 25 (the linear probe at every k) keeps the run near an hour on 2 cores
+        finetune=FinetuneSpec(kshot_epochs=25, kshot_paper_ks=(5, 25)),
         generate_workers=2,
         notebook_timeout_s=3600,
     ),

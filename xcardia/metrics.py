@@ -63,3 +63,156 @@ def per_column(metric, y_true: np.ndarray, y_score: np.ndarray) -> list[float]:
 def nanmean(values) -> float:
     v = np.asarray(values, dtype=float)
     return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+
+
+# ------------------------------------------------------------------------------------------ bootstrap intervals
+def auroc_many(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of each row of ``scores`` (R, n) against ``y_true`` (R, n) of 0/1, by the rank-sum (Mann–Whitney)
+    formula with mid-ranks for ties; NaN for a row without both classes. Vectorised for bootstrap resamples."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y_true, dtype=float)
+    ranks = rankdata(np.asarray(scores, dtype=float), axis=1)
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) patient indices resampled with replacement (seeded)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def bootstrap_auroc_ci(y_true, scores, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """AUROC with a percentile bootstrap CI resampling patients.
+
+    Args:
+        y_true: (n,) labels with NaN for unlabelled patients (left out).
+        scores: (n,) scores, or (S, n) scores of S runs (e.g. fine-tuning seeds), whose AUROCs are averaged.
+        n_boot, seed, alpha: resamples, their seed, 1 − confidence.
+
+    Returns:
+        ``{"auroc", "ci_low", "ci_high", "n_pos", "n_neg"}``; NaNs when a class is absent.
+    """
+    y = np.asarray(y_true, dtype=float)
+    s = np.atleast_2d(np.asarray(scores, dtype=float))
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    out = {"auroc": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_pos": n_pos, "n_neg": n_neg}
+    keep = ~np.isnan(y) & ~np.isnan(s).any(axis=0)
+    y, s = y[keep], s[:, keep]
+    if (y == 1).sum() == 0 or (y == 0).sum() == 0:
+        return out
+    out["auroc"] = float(np.mean(auroc_many(np.broadcast_to(y, s.shape), s)))
+    idx = bootstrap_indices(len(y), n_boot, seed)
+    boots = np.mean([auroc_many(y[idx], run[idx]) for run in s], axis=0)
+    boots = boots[~np.isnan(boots)]
+    if boots.size:
+        out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(boots, [alpha / 2, 1 - alpha / 2]))
+    return out
+
+
+def paired_bootstrap_difference(y_true, scores_a, scores_b, n_boot: int = 1000, seed: int = 0,
+                                alpha: float = 0.05) -> dict:
+    """AUROC(a) − AUROC(b) on the same patients, with a percentile CI from paired patient resamples.
+
+    ``scores_a``/``scores_b`` are (n,) or (S, n) (runs averaged). Returns ``{"difference", "ci_low", "ci_high"}``.
+    """
+    y = np.asarray(y_true, dtype=float)
+    a = np.atleast_2d(np.asarray(scores_a, dtype=float))
+    b = np.atleast_2d(np.asarray(scores_b, dtype=float))
+    keep = ~np.isnan(y) & ~np.isnan(a).any(axis=0) & ~np.isnan(b).any(axis=0)
+    y, a, b = y[keep], a[:, keep], b[:, keep]
+    out = {"difference": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    if (y == 1).sum() == 0 or (y == 0).sum() == 0:
+        return out
+
+    def mean_auroc(runs, labels):
+        return np.mean([auroc_many(labels, np.atleast_2d(r)) for r in runs], axis=0)
+
+    out["difference"] = float((mean_auroc(a, y[None]) - mean_auroc(b, y[None]))[0])
+    idx = bootstrap_indices(len(y), n_boot, seed)
+    diffs = mean_auroc([r[idx] for r in a], y[idx]) - mean_auroc([r[idx] for r in b], y[idx])
+    diffs = diffs[~np.isnan(diffs)]
+    if diffs.size:
+        out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(diffs, [alpha / 2, 1 - alpha / 2]))
+    return out
+
+
+def mean_ci(values, alpha: float = 0.05, bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and a t-interval over independent repeats (e.g. few-shot seeds); NaNs are left out. ``bounds`` clips
+    the interval to the quantity's range (e.g. (0, 1) for an AUROC)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    out = {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": int(v.size)}
+    if v.size == 0:
+        return out
+    out["mean"] = float(v.mean())
+    if v.size > 1:
+        half = stats.t.ppf(1 - alpha / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+        out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+        if bounds is not None:
+            out["ci_low"], out["ci_high"] = max(out["ci_low"], bounds[0]), min(out["ci_high"], bounds[1])
+    return out
+
+
+def _macro_boots(y: np.ndarray, s: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray, int]:
+    """Macro AUROC of runs ``s`` (S, n, T) and its value on each bootstrap resample ``idx`` (B, n)."""
+    point, boots = [], []
+    for t in range(y.shape[1]):
+        keep = ~np.isnan(y[:, t])
+        if (y[keep, t] == 1).sum() == 0 or (y[keep, t] == 0).sum() == 0 or np.isnan(s[:, :, t]).all():
+            continue  # a task without both classes in test, or without any score, is left out of the macro mean
+        point.append(np.mean([auroc(y[:, t], run[:, t]) for run in s]))
+        boots.append(np.mean([_auroc_masked(y[idx, t], run[idx, t]) for run in s], axis=0))
+    if not point:
+        return math.nan, np.full(idx.shape[0], np.nan), 0
+    return float(np.mean(point)), np.nanmean(np.stack(boots), axis=0), len(point)
+
+
+def bootstrap_macro_auroc_ci(y_true: np.ndarray, scores, n_boot: int = 1000, seed: int = 0,
+                             alpha: float = 0.05) -> dict:
+    """Macro AUROC (mean over tasks that have both classes) with a patient-bootstrap CI.
+
+    Args:
+        y_true: (n, T) labels with NaN for unlabelled (left out task by task).
+        scores: (n, T) or (S, n, T) — runs are averaged per task before the macro mean.
+    """
+    y = np.asarray(y_true, dtype=float)
+    s = np.asarray(scores, dtype=float)
+    s = s[None] if s.ndim == 2 else s
+    point, boots, n_tasks = _macro_boots(y, s, bootstrap_indices(y.shape[0], n_boot, seed))
+    out = {"auroc": point, "ci_low": math.nan, "ci_high": math.nan, "n_tasks": n_tasks}
+    if n_tasks:
+        out["ci_low"], out["ci_high"] = (float(v) for v in np.nanquantile(boots, [alpha / 2, 1 - alpha / 2]))
+    return out
+
+
+def paired_bootstrap_macro_difference(y_true: np.ndarray, scores_a, scores_b, n_boot: int = 1000, seed: int = 0,
+                                      alpha: float = 0.05) -> dict:
+    """Macro AUROC(a) − macro AUROC(b) on the same patients, CI from paired patient resamples."""
+    y = np.asarray(y_true, dtype=float)
+    a, b = (np.asarray(x, dtype=float) for x in (scores_a, scores_b))
+    a, b = (x[None] if x.ndim == 2 else x for x in (a, b))
+    idx = bootstrap_indices(y.shape[0], n_boot, seed)
+    pa, ba, _ = _macro_boots(y, a, idx)
+    pb, bb, _ = _macro_boots(y, b, idx)
+    diffs = ba - bb
+    out = {"difference": pa - pb, "ci_low": math.nan, "ci_high": math.nan}
+    if np.isfinite(diffs).any():
+        out["ci_low"], out["ci_high"] = (float(v) for v in np.nanquantile(diffs, [alpha / 2, 1 - alpha / 2]))
+    return out
+
+
+def _auroc_masked(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Row-wise AUROC where NaN labels are left out (loop over rows; used where labels can be missing)."""
+    if not np.isnan(labels).any():
+        return auroc_many(labels, scores)
+    out = np.empty(labels.shape[0])
+    for i in range(labels.shape[0]):
+        keep = ~np.isnan(labels[i])
+        out[i] = auroc_many(labels[i, keep][None], scores[i, keep][None])[0]
+    return out

@@ -543,6 +543,12 @@ def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, 
     if finished_run(out, config):
         log(f"[pretrain] reusing the finished run {out}")
         return out
+    if (out / "run.json").exists():
+        previous = json.loads((out / "run.json").read_text())["config"]
+        diff = _config_differences(_comparable(previous), _comparable(config))
+        if diff or previous["pretrain"]["epochs"] > spec.epochs:
+            raise XcardiaError(f"{out} holds a run with a different configuration ({'; '.join(diff[:5]) or 'more epochs'}); "
+                               f"delete that folder or choose another output folder")
     resume = (out / "checkpoint.pt").exists()
     return pretrain(data, out, model_spec, spec, profile.preprocess, cache_dir=cache_dir, resume=resume,
                     progress=progress, log=log)

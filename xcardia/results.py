@@ -98,8 +98,54 @@ def _pretraining_lines(section: dict) -> list[str]:
     return lines + [""]
 
 
+def _ci(d: dict, key: str = "auroc") -> str:
+    value = d.get(key)
+    if value is None:
+        return "–"
+    if d.get("ci_low") is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+
+def _finetune_lines(section: dict) -> list[str]:
+    lines = ["## Fine-tuning, all training labels (notebook 04)", "",
+             "Macro AUROC over the ten tasks on test patients (mean over fine-tuning seeds; 95% patient-bootstrap CI).", "",
+             "| protocol | " + " | ".join(["init", "macro AUROC"]) + " |", "|---|---|---|"]
+    for protocol, rows in section.get("full_label", {}).items():
+        for row in rows:
+            if row["task"] == "macro":
+                lines.append(f"| {protocol} | {row['init']} | {_ci(row)} |")
+    paired = section.get("paired", {}).get("paper", [])
+    if paired:
+        lines += ["", "Paired differences (paper protocol, macro AUROC, 95% CI):", ""]
+        for row in paired:
+            if row["task"] == "macro":
+                lines.append(f"- {row['comparison']}: {_ci(row, 'difference')}")
+    return lines + [""]
+
+
+def _fewshot_lines(section: dict) -> list[str]:
+    lines = ["## Few-shot (notebook 05)", "", "Macro AUROC against k (k positives + k negatives per task; mean over "
+             "seeds, 95% t-interval over seeds).", "", "| protocol | init | k | macro AUROC | seeds |", "|---|---|---|---|---|"]
+    for row in section.get("kshot_curve", []):
+        lines.append(f"| {row['protocol']} | {row['init']} | {row['value']} | {_ci(row, 'mean')} | {row['n']} |")
+    return lines + [""]
+
+
+def _claims_lines(claims: list) -> list[str]:
+    lines = ["## The paper's claims on this cohort", "",
+             "| claim | comparison | paper | measured [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c['claim']} | {c['comparison']} | +{c['paper']:.3f} | {c['measured']:+.3f} "
+                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] ({c['detail']}) | {c['verdict']} |")
+    lines += ["", "AUROC differences are absolute (AUROC points); the abstract does not say whether its percentages "
+              "are points or relative, nor which baseline the 5-shot figure refers to, so both baselines are shown."]
+    return lines + [""]
+
+
 #: How each notebook's section of metrics.json reads in the summary.
-_SECTION_RENDERERS = {"pretraining": _pretraining_lines}
+_SECTION_RENDERERS = {"pretraining": _pretraining_lines, "finetune": _finetune_lines, "fewshot": _fewshot_lines,
+                      "claims": _claims_lines}
 
 
 def write_summary(output_dir: str | os.PathLike) -> Path:

@@ -1,0 +1,139 @@
+"""Downstream evaluation: subset samplers, protocols, the end-to-end commands, determinism and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import xcardia.finetune as finetune
+from xcardia.cli import main
+from xcardia.cohort.schema import LABELS
+from xcardia.errors import XcardiaError
+from xcardia.finetune import fraction_subset, kshot_subset
+
+
+def _labels(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 3)) < [0.3, 0.05, 0.5]).astype(float)
+    y[rng.random((n, 3)) < 0.1] = np.nan
+    return y
+
+
+def test_kshot_subset_has_exactly_k_positives_and_k_negatives_from_the_training_rows():
+    y = _labels()
+    train = np.arange(0, 150)
+    for k in (1, 5, 10):
+        rows, reason = kshot_subset(y, train, 0, k, seed=3)
+        assert reason is None and len(rows) == 2 * k and set(rows) <= set(train)
+        assert (y[rows, 0] == 1).sum() == k and (y[rows, 0] == 0).sum() == k
+
+
+def test_kshot_subset_is_deterministic_and_depends_only_on_seed_task_and_k():
+    y = _labels()
+    train = np.arange(150)
+    a, _ = kshot_subset(y, train, 0, 5, 7)
+    b, _ = kshot_subset(y.copy(), train.copy(), 0, 5, 7)
+    c, _ = kshot_subset(y, train, 0, 5, 8)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_kshot_with_too_few_positives_is_skipped_with_the_reason():
+    y = _labels()
+    train = np.arange(150)
+    n_pos = int((y[train, 1] == 1).sum())
+    rows, reason = kshot_subset(y, train, 1, n_pos + 1, 0)
+    assert rows is None and f"only {n_pos} positive(s)" in reason
+
+
+def test_fraction_subset_size_and_determinism():
+    train = np.arange(10, 810)
+    sub = fraction_subset(train, 0.1, 123)
+    assert len(sub) == 80 and set(sub) <= set(train)
+    assert np.array_equal(sub, fraction_subset(train, 0.1, 123))
+    assert len(fraction_subset(train, 0.0001, 1)) == 1
+
+
+def test_paper_protocol_counts_pos_weight_on_the_subset_it_trains_on(monkeypatch):
+    from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
+
+    spec = ImageEncoderSpec(arch="resnet10", widths=(8, 8, 16, 16), conv1_size=3, max_pool=False)
+    encoder = ImageEncoder(spec)
+    volumes = torch.randn(30, 1, 24, 24, 24)
+    with torch.no_grad():
+        encoder.eval()
+        trunk = encoder.trunk(volumes)
+    init = finetune.EncodedInit("x", encoder, np.arange(30), trunk, np.zeros((30, 128)), {i: i for i in range(30)})
+    labels = (np.random.default_rng(0).random((30, 2)) < 0.4).astype(float)
+    seen = []
+    real = finetune.pos_weight_from_subset
+    monkeypatch.setattr(finetune, "pos_weight_from_subset", lambda y: seen.append(y.clone()) or real(y))
+    subset = np.array([1, 4, 7, 9, 12, 20])
+    finetune.train_top(init, labels, subset, None, finetune.FinetuneSpec(), seed=0, epochs=1)
+    torch.testing.assert_close(seen[0], torch.as_tensor(labels[subset]))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "xcardia"
+    assert main(["pretrain", "--method", "xcardia", "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(out),
+                 "--epochs", "1", "--batch-size", "8"]) == 0
+    return out
+
+
+def test_finetune_and_fewshot_end_to_end_and_deterministic(tiny_cohort, tiny_run, tmp_path):
+    for out in ("a", "b"):
+        assert main(["finetune", "--init", "scratch", "--init", str(tiny_run), "--data", str(tiny_cohort),
+                     "--profile", "smoke", "--out", str(tmp_path / out)]) == 0
+        assert main(["fewshot", "--init", "scratch", "--init", str(tiny_run), "--data", str(tiny_cohort),
+                     "--profile", "smoke", "--out", str(tmp_path / out / "fs"), "--k", "1,2", "--seeds", "2"]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert a == json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "a" / "fs" / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "b" / "fs" / "metrics.json").read_text())
+    protocols = {row["init"] for row in a["finetune"]["full_label"]["paper"]}
+    assert protocols == {"scratch", "xcardia"} and "scratch_all" in a["finetune"]["full_label"]
+    full = pd.DataFrame(a["finetune"]["full_label"]["paper"])
+    assert {"auroc", "ci_low", "ci_high", "n_pos", "n_neg"} <= set(full.columns)
+    subsets = json.loads((tmp_path / "a" / "fs" / "kshot_subsets.json").read_text())
+    assert set(subsets) == set(LABELS)
+    records = pd.read_csv(tmp_path / "a" / "fs" / "kshot_records.csv")
+    scored = records[records["skipped"].isna()]
+    for (task, k, seed), group in scored.groupby(["task", "value", "seed"]):
+        ids = subsets[task][str(k)][str(seed)]
+        assert len(ids) == 2 * k  # the same saved subset for every init
+    assert (tmp_path / "a" / "summary.md").read_text().count("The paper's claims") == 1
+
+
+def test_fewshot_records_skips_and_tasks_without_test_positives(tiny_cohort, tiny_run, tmp_path):
+    assert main(["fewshot", "--init", "scratch", "--data", str(tiny_cohort), "--profile", "smoke",
+                 "--out", str(tmp_path), "--k", "30", "--seeds", "1"]) == 0
+    records = pd.read_csv(tmp_path / "kshot_records.csv")
+    assert records["skipped"].str.contains("k=30 needs 30 of each").all()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["fewshot"]["skipped"]) == len(LABELS)
+
+
+@pytest.mark.parametrize("init, message", [("does/not/exist", "does not exist"), ("NOTES", "not a readable weights file")])
+def test_bad_init_is_refused(tiny_cohort, tmp_path, capsys, init, message):
+    if init == "NOTES":
+        init = str(tmp_path / "notes.pt")
+        (tmp_path / "notes.pt").write_text("not weights")
+    code = main(["finetune", "--init", init, "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(tmp_path / "o")])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_encoder_from_another_geometry_is_refused(tiny_cohort, tiny_run, tmp_path, capsys):
+    code = main(["finetune", "--init", str(tiny_run), "--data", str(tiny_cohort), "--profile", "paper",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pretrained on" in err
+
+
+def test_bad_k_is_refused(tiny_cohort, tmp_path, capsys):
+    assert main(["fewshot", "--init", "scratch", "--data", str(tiny_cohort), "--profile", "smoke", "--out",
+                 str(tmp_path), "--k", "0,5"]) == 2
+    assert "at least 1" in capsys.readouterr().err

@@ -1,0 +1,510 @@
+"""Downstream evaluation: fine-tuning protocols, label-fraction sweep and true k-shot, on the ten tasks.
+
+Protocols (DESIGN §5), for any encoder init (``scratch`` or a pretraining run / encoder file):
+
+- ``paper``: the paper's fine-tuning — the encoder frozen except its last ResNet stage and the feature layer after
+  it, ten heads trained with masked BCE (missing labels masked), ``pos_weight`` counted on the subset actually
+  trained on (the public code counted it on the full training set), early stopping on validation macro-AUROC.
+  BatchNorm statistics stay frozen, so tiny subsets cannot corrupt them. The frozen part's output is computed once
+  per init, which makes thousands of runs affordable on a CPU.
+- ``scratch_all``: the paper's policy for its no-pretraining baseline: every layer trained from random weights.
+  (``paper`` applied to ``scratch`` is the other, like-for-like scratch policy.)
+- ``probe``: logistic regression (scikit-learn) per task on the frozen encoder's 128-d features.
+
+Settings: label fractions of the training split (the paper's sweep: fractions × seeds 123/456/789, random rows)
+and true k-shot (k positives and k negatives per task from the training split; the same subsets for every init;
+the patient ids written out). In k-shot, fine-tuning runs a fixed number of epochs with no early stopping: a
+5-shot user has no labelled validation set.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from xcardia.cohort.schema import LABELS
+from xcardia.data.dataset import CohortDataset, table_array
+from xcardia.data.imaging import PreprocessCache, PreprocessSpec
+from xcardia.errors import XcardiaError
+from xcardia.losses import masked_bce_with_logits, pos_weight_from_subset
+from xcardia.metrics import auprc, auroc
+from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
+from xcardia.models.weights import load_encoder
+
+PROTOCOLS = ("paper", "probe", "scratch_all")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Downstream settings (fixed before any result was seen, identical for every init)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    max_epochs: int = 30
+    patience: int = 5
+    kshot_epochs: int = 40
+    scratch_all_lr: float = 3e-4
+    scratch_all_max_epochs: int = 20
+    fractions: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
+    fraction_seeds: tuple[int, ...] = (123, 456, 789)
+    scratch_all_fractions: tuple[float, ...] = (1.0,)
+    scratch_all_seeds: tuple[int, ...] = (123,)
+    ks: tuple[int, ...] = (1, 5, 10, 25)
+    kshot_seeds: int = 10
+    kshot_protocols: tuple[str, ...] = ("probe", "paper")
+    kshot_paper_ks: tuple[int, ...] = (1, 5, 10, 25)
+    probe_c: float = 1.0
+    n_boot: int = 1000
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------ subsets
+def fraction_subset(train_rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A random ``fraction`` of the training rows (at least one), as the paper's sweep samples rows."""
+    n = max(1, int(round(fraction * len(train_rows))))
+    rng = np.random.default_rng([seed, int(round(fraction * 1e6))])
+    return np.sort(rng.choice(train_rows, size=n, replace=False))
+
+
+def kshot_subset(labels: np.ndarray, train_rows: np.ndarray, task_index: int, k: int, seed: int) -> tuple[np.ndarray | None, str | None]:
+    """k positives and k negatives of task ``task_index`` drawn from the labelled training rows.
+
+    Returns ``(rows, None)``, or ``(None, reason)`` when fewer than k positives or negatives exist — the caller
+    records the reason; nothing is skipped silently. The draw depends only on (seed, task, k), so every init gets
+    the same patients.
+    """
+    y = labels[train_rows, task_index]
+    pos, neg = train_rows[y == 1], train_rows[y == 0]
+    if len(pos) < k or len(neg) < k:
+        return None, (f"only {len(pos)} positive(s) and {len(neg)} negative(s) labelled in the training split; "
+                      f"k={k} needs {k} of each")
+    rng = np.random.default_rng([seed, task_index, k])
+    return np.sort(np.r_[rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)]), None
+
+
+# ------------------------------------------------------------------------------------------ encoders
+@dataclass
+class EncodedInit:
+    """An init's frozen computations on the rows of interest: the trunk output (input of the paper's trainable
+    part) and the full encoder's 128-d features (input of the linear probe)."""
+
+    name: str
+    encoder: ImageEncoder
+    rows: np.ndarray
+    trunk: torch.Tensor
+    features: np.ndarray
+    position: dict = field(default_factory=dict)
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([self.position[int(r)] for r in rows], dtype=np.int64)
+
+
+def build_init(source: str, image_spec: ImageEncoderSpec, preprocess: PreprocessSpec, seed: int) -> ImageEncoder:
+    """``scratch`` (random weights, seeded) or a pretrained encoder, checked against this preprocessing."""
+    if source == "scratch":
+        torch.manual_seed(seed)
+        return ImageEncoder(image_spec)
+    encoder, meta = load_encoder(source)
+    trained_on = meta.get("preprocess")
+    if trained_on and (tuple(trained_on["shape"]) != tuple(preprocess.shape)
+                       or float(trained_on["spacing_mm"]) != float(preprocess.spacing_mm)):
+        raise XcardiaError(f"{source}: the encoder was pretrained on {tuple(trained_on['shape'])} voxels at "
+                           f"{trained_on['spacing_mm']} mm, this evaluation prepares {tuple(preprocess.shape)} at "
+                           f"{preprocess.spacing_mm} mm; use the profile it was trained with")
+    return encoder
+
+
+@torch.no_grad()
+def encode(name: str, encoder: ImageEncoder, dataset: CohortDataset, batch_size: int = 64) -> EncodedInit:
+    encoder.eval()
+    trunks, features = [], []
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        t = encoder.trunk(batch["image"])
+        trunks.append(t)
+        features.append(encoder.top(t))
+    rows = dataset.rows
+    return EncodedInit(name, encoder, rows, torch.cat(trunks), torch.cat(features).numpy(),
+                       {int(r): i for i, r in enumerate(rows)})
+
+
+class TopModel(nn.Module):
+    """What the paper's fine-tuning trains: a copy of the last ResNet stage and feature layer, plus task heads."""
+
+    def __init__(self, encoder: ImageEncoder, n_tasks: int):
+        super().__init__()
+        self.layer4 = copy.deepcopy(encoder.backbone.layer4)
+        self.pool = copy.deepcopy(encoder.backbone.avgpool)
+        self.feature = copy.deepcopy(encoder.feature)
+        self.heads = nn.Linear(encoder.spec.feature_dim, n_tasks)
+
+    def forward(self, trunk: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.feature(self.pool(self.layer4(trunk)).flatten(1)))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():  # frozen BatchNorm statistics (tiny subsets must not overwrite them)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+def _macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
+    values = [auroc(y[:, t], p[:, t]) for t in range(y.shape[1])]
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+@torch.no_grad()
+def _predict_top(model: TopModel, trunk: torch.Tensor, batch: int = 256) -> np.ndarray:
+    model.eval()
+    return torch.cat([torch.sigmoid(model(trunk[i:i + batch])) for i in range(0, len(trunk), batch)]).numpy()
+
+
+def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray | None,
+              spec: FinetuneSpec, seed: int, epochs: int | None = None) -> TopModel:
+    """The paper's protocol on ``train_rows``: masked BCE with pos_weight from this subset, AdamW, early
+    stopping on validation macro-AUROC (when ``val_rows`` is given) or ``epochs`` fixed epochs."""
+    torch.manual_seed(seed)
+    model = TopModel(init.encoder, labels.shape[1])
+    trunk = init.trunk[torch.as_tensor(init.at(train_rows))]
+    y = torch.as_tensor(labels[train_rows])
+    pos_weight = pos_weight_from_subset(y)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    val_trunk = init.trunk[torch.as_tensor(init.at(val_rows))] if val_rows is not None else None
+    best, best_state, stale = -math.inf, None, 0
+    for _epoch in range(epochs or spec.max_epochs):
+        model.train()
+        order = torch.randperm(len(trunk), generator=generator)
+        for i in range(0, len(order), spec.batch_size):
+            take = order[i:i + spec.batch_size]
+            loss = masked_bce_with_logits(model(trunk[take]), y[take], pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if val_trunk is None:
+            continue
+        score = _macro_auroc(labels[val_rows], _predict_top(model, val_trunk))
+        if math.isnan(score) or score > best:
+            best, best_state, stale = (score if not math.isnan(score) else best), copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= spec.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c: float) -> np.ndarray:
+    """Probability of the positive class from an L2 logistic regression on standardised frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    keep = ~np.isnan(train_y)
+    if len(np.unique(train_y[keep])) < 2:
+        return np.full(len(test_x), np.nan)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
+    model.fit(train_x[keep], train_y[keep].astype(int))
+    return model.predict_proba(test_x)[:, 1]
+
+
+def train_scratch_all(manifest, dataset_train: CohortDataset, dataset_val: CohortDataset, dataset_test: CohortDataset,
+                      image_spec: ImageEncoderSpec, labels: np.ndarray, spec: FinetuneSpec, seed: int) -> np.ndarray:
+    """The paper's scratch baseline: every layer from random weights, early stopping on validation macro-AUROC.
+    Returns test probabilities (n_test, T)."""
+    torch.manual_seed(seed)
+    encoder = ImageEncoder(image_spec)
+    heads = nn.Linear(image_spec.feature_dim, labels.shape[1])
+    params = list(encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=spec.scratch_all_lr, weight_decay=spec.weight_decay)
+    y_train = torch.as_tensor(labels[dataset_train.rows])
+    pos_weight = pos_weight_from_subset(y_train)
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def predict(ds):
+        encoder.eval()
+        out = [torch.sigmoid(heads(encoder(b["image"]))) for b in torch.utils.data.DataLoader(ds, batch_size=128)]
+        return torch.cat(out).numpy()
+
+    best, best_state, stale = -math.inf, None, 0
+    for _epoch in range(spec.scratch_all_max_epochs):
+        encoder.train()
+        loader = torch.utils.data.DataLoader(dataset_train, batch_size=spec.batch_size, shuffle=True, generator=generator,
+                                             drop_last=len(dataset_train) > spec.batch_size)
+        for batch in loader:
+            loss = masked_bce_with_logits(heads(encoder(batch["image"])), batch["labels"], pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        score = _macro_auroc(labels[dataset_val.rows], predict(dataset_val))
+        if score > best:
+            best, stale = score, 0
+            best_state = (copy.deepcopy(encoder.state_dict()), copy.deepcopy(heads.state_dict()))
+        else:
+            stale += 1
+            if stale >= spec.patience:
+                break
+    if best_state is not None:
+        encoder.load_state_dict(best_state[0])
+        heads.load_state_dict(best_state[1])
+    return predict(dataset_test)
+
+
+# ------------------------------------------------------------------------------------------ experiments
+@dataclass
+class Experiment:
+    """Everything an evaluation run shares: manifest, splits, labels, preprocessed data and encoded inits."""
+
+    manifest: pd.DataFrame
+    image_spec: ImageEncoderSpec
+    preprocess: PreprocessSpec
+    cache: PreprocessCache
+    spec: FinetuneSpec
+    labels: np.ndarray = None
+    rows: dict = None
+    datasets: dict = None
+    inits: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        split = self.manifest["split"].astype(str)
+        self.rows = {s: np.flatnonzero((split == s).to_numpy()) for s in ("train", "val", "test")}
+        if len(self.rows["test"]) == 0:
+            raise XcardiaError("the manifest has no test patients; evaluation needs a test split")
+        self.labels = table_array(self.manifest, LABELS)
+        self.datasets = {s: CohortDataset(self.manifest, r, self.cache, None, None, 0, in_memory=True)
+                         for s, r in self.rows.items()}
+
+    def add_init(self, name: str, encoder: ImageEncoder) -> EncodedInit:
+        splits = ("train", "val", "test")
+        union = CohortDataset(self.manifest, np.concatenate([self.rows[s] for s in splits]), self.cache, None, None, 0)
+        volumes = (self.datasets[s].image(i) for s in splits for i in range(len(self.datasets[s])))
+        union._images = dict(enumerate(volumes))  # the volumes already in RAM, not read again
+        self.inits[name] = encode(name, encoder, union)
+        return self.inits[name]
+
+    def test_labels(self) -> np.ndarray:
+        return self.labels[self.rows["test"]]
+
+
+def _record(protocol, init, setting, value, seed, task_index, y_test, p, n_train_pos, n_train_neg, skipped=None) -> dict:
+    task = LABELS[task_index]
+    y = y_test[:, task_index]
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    reason = skipped or (None if n_pos and n_neg else "no positives in test" if not n_pos else "no negatives in test")
+    return {"protocol": protocol, "init": init, "setting": setting, "value": value, "seed": seed, "task": task,
+            "auroc": auroc(y, p) if p is not None else math.nan, "auprc": auprc(y, p) if p is not None else math.nan,
+            "n_pos": n_pos, "n_neg": n_neg, "n_train_pos": n_train_pos, "n_train_neg": n_train_neg,
+            "skipped": reason}
+
+
+def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The paper's sweep: every init × fraction × seed with the ``paper`` protocol and the linear probe, plus the
+    ``scratch_all`` baseline on its fractions. Returns the per-task records and test predictions keyed by
+    ``(protocol, init, fraction, seed)``."""
+    from tqdm.auto import tqdm
+
+    spec, y_test, records, predictions = exp.spec, exp.test_labels(), [], {}
+    train, val, test = exp.rows["train"], exp.rows["val"], exp.rows["test"]
+    jobs = [(f, s) for f in spec.fractions for s in spec.fraction_seeds]
+    for name, init in exp.inits.items():
+        for fraction, seed in tqdm(jobs, desc=f"fine-tuning {name}", disable=not progress):
+            subset = fraction_subset(train, fraction, seed)
+            counts = [(int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum())) for t in range(len(LABELS))]
+            model = train_top(init, exp.labels, subset, val, spec, seed)
+            p_paper = _predict_top(model, init.trunk[torch.as_tensor(init.at(test))])
+            p_probe = np.stack([linear_probe(init.features[init.at(subset)], exp.labels[subset, t],
+                                             init.features[init.at(test)], spec.probe_c) for t in range(len(LABELS))], 1)
+            for protocol, p in (("paper", p_paper), ("probe", p_probe)):
+                predictions[(protocol, name, fraction, seed)] = p
+                for t in range(len(LABELS)):
+                    records.append(_record(protocol, name, "fraction", fraction, seed, t, y_test, p[:, t], *counts[t]))
+        log(f"[finetune] {name}: {len(jobs)} fraction runs done")
+    if "scratch" in exp.inits:
+        for fraction in spec.scratch_all_fractions:
+            for seed in spec.scratch_all_seeds:
+                subset = fraction_subset(train, fraction, seed)
+                ds_train = CohortDataset(exp.manifest, subset, exp.cache, None, None, 0, in_memory=True)
+                ds_train._images = {i: exp.datasets["train"].image(int(np.searchsorted(train, r))) for i, r in enumerate(subset)}
+                p = train_scratch_all(exp.manifest, ds_train, exp.datasets["val"], exp.datasets["test"], exp.image_spec,
+                                      exp.labels, spec, seed)
+                predictions[("scratch_all", "scratch", fraction, seed)] = p
+                for t in range(len(LABELS)):
+                    counts = (int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum()))
+                    records.append(_record("scratch_all", "scratch", "fraction", fraction, seed, t, y_test, p[:, t], *counts))
+        log("[finetune] scratch with every layer trainable: done")
+    return pd.DataFrame(records), predictions
+
+
+def run_kshot(exp: Experiment, log=print, progress: bool = False) -> tuple[pd.DataFrame, dict, dict]:
+    """True k-shot: per task, k positives + k negatives from the training split, ``kshot_seeds`` draws, the same
+    subsets for every init. Returns records, test predictions keyed by ``(protocol, init, k, seed, task)``, and
+    the sampled patient ids ``{task: {k: {seed: [ids]}}}``."""
+    from tqdm.auto import tqdm
+
+    spec, y_test, records, predictions = exp.spec, exp.test_labels(), [], {}
+    train, test = exp.rows["train"], exp.rows["test"]
+    ids = exp.manifest["patient_id"].to_numpy()
+    subsets: dict = {}
+    draws = {}
+    for t, task in enumerate(LABELS):
+        for k in spec.ks:
+            for seed in range(spec.kshot_seeds):
+                rows, reason = kshot_subset(exp.labels, train, t, k, seed)
+                draws[(t, k, seed)] = (rows, reason)
+                subsets.setdefault(task, {}).setdefault(str(k), {})[str(seed)] = (
+                    [str(i) for i in ids[rows]] if rows is not None else {"skipped": reason})
+    for name, init in exp.inits.items():
+        for (t, k, seed), (rows, reason) in tqdm(draws.items(), desc=f"k-shot {name}", disable=not progress):
+            for protocol in spec.kshot_protocols:
+                if protocol == "paper" and k not in spec.kshot_paper_ks:
+                    continue
+                if rows is None:
+                    records.append(_record(protocol, name, "kshot", k, seed, t, y_test, None, 0, 0, skipped=reason))
+                    continue
+                if protocol == "probe":
+                    p = linear_probe(init.features[init.at(rows)], exp.labels[rows, t], init.features[init.at(test)], spec.probe_c)
+                else:
+                    model = train_top(init, exp.labels[:, [t]], rows, None, spec, seed, epochs=spec.kshot_epochs)
+                    p = _predict_top(model, init.trunk[torch.as_tensor(init.at(test))])[:, 0]
+                predictions[(protocol, name, k, seed, t)] = p
+                records.append(_record(protocol, name, "kshot", k, seed, t, y_test, p, k, k))
+        log(f"[fewshot] {name}: done")
+    return pd.DataFrame(records), predictions, subsets
+
+
+def prepare_experiment(profile, manifest, inits: dict[str, str], cache_dir, spec: FinetuneSpec | None = None,
+                       seed: int = 0, log=print) -> Experiment:
+    """Load the data once and encode every init (``name → "scratch" | run folder | encoder file``)."""
+    spec = spec or FinetuneSpec()
+    encoders = {name: build_init(str(source), profile.model.image, profile.preprocess, seed)  # refuse bad inits first
+                for name, source in inits.items()}
+    exp = Experiment(manifest, profile.model.image, profile.preprocess, PreprocessCache(cache_dir, profile.preprocess), spec)
+    for s in ("train", "val", "test"):
+        exp.datasets[s].warm()
+    for name, encoder in encoders.items():
+        exp.add_init(name, encoder)
+        log(f"[finetune] encoded {name}")
+    return exp
+
+
+def save_predictions(path: str | os.PathLike, predictions: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **{"|".join(map(str, key)): value for key, value in predictions.items()})
+    os.replace(tmp, path)
+
+
+def load_predictions(path: str | os.PathLike) -> dict:
+    def parse(part: str):
+        for cast in (int, float):
+            try:
+                return cast(part)
+            except ValueError:
+                pass
+        return part
+
+    with np.load(path) as data:
+        return {tuple(parse(p) for p in key.split("|")): data[key] for key in data.files}
+
+
+# ------------------------------------------------------------------------------------------ runs with files
+def _fingerprint(profile, manifest_path, inits: dict, spec: FinetuneSpec, seed: int, part: str) -> dict:
+    sources = {}
+    for name, source in inits.items():
+        p = Path(str(source))
+        encoder = p / "encoder.pt" if p.is_dir() else p
+        sources[name] = {"source": str(source), "mtime": encoder.stat().st_mtime_ns if encoder.exists() else None}
+    return {"part": part, "profile": profile.name, "manifest": str(Path(manifest_path).resolve()), "inits": sources,
+            "spec": asdict(spec), "seed": seed}
+
+
+def _reusable(folder: Path, fingerprint: dict, files) -> bool:
+    config = folder / "config.json"
+    return (config.exists() and json.loads(config.read_text()) == json.loads(json.dumps(fingerprint))
+            and all((folder / f).exists() for f in files))
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def finetune_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
+                        seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    """The label-fraction sweep (``paper`` and ``probe`` for every init, ``scratch_all`` for scratch) with its
+    files in ``out_dir``: ``records.csv``, ``predictions.npz``, ``subsets.json`` (patient ids of every fraction ×
+    seed) and ``config.json``. A folder holding the same configuration's results is reused.
+
+    Returns the records, the test predictions and the test labels (n_test, 10)."""
+    from xcardia.data.manifest import load_manifest
+
+    spec = spec or profile.finetune
+    out = Path(out_dir)
+    manifest = load_manifest(manifest_path)
+    fingerprint = _fingerprint(profile, manifest_path, inits, spec, seed, "finetune")
+    files = ("records.csv", "predictions.npz", "subsets.json", "test_labels.npy")
+    if _reusable(out, fingerprint, files):
+        log(f"[finetune] reusing the results in {out}")
+        return pd.read_csv(out / "records.csv"), load_predictions(out / "predictions.npz"), np.load(out / "test_labels.npy")
+    exp = prepare_experiment(profile, manifest, inits, cache_dir or Path(out).parent / "cache", spec, seed, log)
+    records, predictions = run_fraction_sweep(exp, log, progress)
+    ids = manifest["patient_id"].to_numpy()
+    subsets = {str(f): {str(s): [str(i) for i in ids[fraction_subset(exp.rows["train"], f, s)]]
+                        for s in spec.fraction_seeds} for f in spec.fractions}
+    out.mkdir(parents=True, exist_ok=True)
+    records.to_csv(out / "records.csv", index=False)
+    save_predictions(out / "predictions.npz", predictions)
+    np.save(out / "test_labels.npy", exp.test_labels())
+    _write_json(out / "subsets.json", subsets)
+    _write_json(out / "config.json", fingerprint)
+    return records, predictions, exp.test_labels()
+
+
+def fewshot_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
+                       seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    """True k-shot for every init with its files in ``out_dir``: ``kshot_records.csv``, ``kshot_predictions.npz``,
+    ``kshot_subsets.json`` (``{task: {k: {seed: [patient ids]}}}``, or the reason a draw was impossible) and
+    ``config.json``. Reused when the configuration matches."""
+    from xcardia.data.manifest import load_manifest
+
+    spec = spec or profile.finetune
+    out = Path(out_dir)
+    manifest = load_manifest(manifest_path)
+    fingerprint = _fingerprint(profile, manifest_path, inits, spec, seed, "fewshot")
+    files = ("kshot_records.csv", "kshot_predictions.npz", "kshot_subsets.json", "test_labels.npy")
+    if _reusable(out, fingerprint, files):
+        log(f"[fewshot] reusing the results in {out}")
+        return (pd.read_csv(out / "kshot_records.csv"), load_predictions(out / "kshot_predictions.npz"),
+                np.load(out / "test_labels.npy"))
+    exp = prepare_experiment(profile, manifest, inits, cache_dir or Path(out).parent / "cache", spec, seed, log)
+    records, predictions, subsets = run_kshot(exp, log, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    records.to_csv(out / "kshot_records.csv", index=False)
+    save_predictions(out / "kshot_predictions.npz", predictions)
+    np.save(out / "test_labels.npy", exp.test_labels())
+    _write_json(out / "kshot_subsets.json", subsets)
+    _write_json(out / "config.json", fingerprint)
+    return records, predictions, exp.test_labels()
+
+
+def profile_inits(profile, runs_dir) -> dict[str, str]:
+    """``scratch`` and every pretraining run of the profile, by name."""
+    return {"scratch": "scratch", **{name: str(Path(runs_dir) / name) for name in profile.pretrain_runs}}

@@ -1,0 +1,217 @@
+"""From fine-tuning records and test predictions to the tables, intervals and claim checks that notebooks 04–05,
+``metrics.json`` and ``summary.md`` show.
+
+Conventions: AUROC on labelled test patients only; CIs are 95 %; "full label" means the whole training split
+(fraction 1.0) averaged over the fine-tuning seeds with a patient-bootstrap CI; k-shot and fraction curves give the
+mean over seeds with a t-interval over seeds; paired differences use the same patients (bootstrap) or the same
+subsets (k-shot seeds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from xcardia.cohort.schema import LABEL_SHORT, LABELS
+from xcardia.metrics import (
+    bootstrap_auroc_ci,
+    bootstrap_macro_auroc_ci,
+    mean_ci,
+    paired_bootstrap_difference,
+    paired_bootstrap_macro_difference,
+)
+
+#: The paper's abstract claims that the companion measures (as quoted in the project's evaluation issue).
+PAPER_CLAIMS = {
+    "full_label_max_gain": {"text": "X-Cardia beats CLIP-only and no pretraining by up to 8% AUROC", "value": 0.08},
+    "five_shot_mean_gain": {"text": "X-Cardia beats the baselines by 9.8% AUROC on average in the 5-shot setting",
+                            "value": 0.098},
+}
+COMPARISONS = (("xcardia", "clip"), ("xcardia", "scratch"))
+
+
+def _runs(predictions: dict, protocol: str, init: str, fraction: float = 1.0) -> np.ndarray | None:
+    runs = [p for (proto, name, frac, _seed), p in predictions.items()
+            if proto == protocol and name == init and math.isclose(float(frac), fraction)]
+    return np.stack(runs) if runs else None
+
+
+def full_label_table(y_test: np.ndarray, predictions: dict, protocol: str, inits, n_boot: int = 1000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Per init × task: AUROC averaged over seeds, its bootstrap CI, and test positives/negatives; plus ``macro``."""
+    rows = []
+    for init in inits:
+        runs = _runs(predictions, protocol, init)
+        if runs is None:
+            continue
+        for t, task in enumerate(LABELS):
+            r = bootstrap_auroc_ci(y_test[:, t], runs[:, :, t], n_boot=n_boot, seed=seed)
+            rows.append({"init": init, "task": task, **r})
+        macro = bootstrap_macro_auroc_ci(y_test, runs, n_boot=n_boot, seed=seed)
+        rows.append({"init": init, "task": "macro", "auroc": macro["auroc"], "ci_low": macro["ci_low"],
+                     "ci_high": macro["ci_high"], "n_pos": None, "n_neg": None})
+    return pd.DataFrame(rows)
+
+
+def paired_table(y_test: np.ndarray, predictions: dict, protocol: str, comparisons=COMPARISONS,
+                 n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per comparison × task: AUROC difference with a paired bootstrap CI (and the macro difference)."""
+    rows = []
+    for a, b in comparisons:
+        ra, rb = _runs(predictions, protocol, a), _runs(predictions, protocol, b)
+        if ra is None or rb is None:
+            continue
+        for t, task in enumerate(LABELS):
+            d = paired_bootstrap_difference(y_test[:, t], ra[:, :, t], rb[:, :, t], n_boot=n_boot, seed=seed)
+            rows.append({"comparison": f"{a} − {b}", "task": task, **d})
+        macro = paired_bootstrap_macro_difference(y_test, ra, rb, n_boot=n_boot, seed=seed)
+        rows.append({"comparison": f"{a} − {b}", "task": "macro", **macro})
+    return pd.DataFrame(rows)
+
+
+def macro_per_seed(records: pd.DataFrame) -> pd.DataFrame:
+    """Macro AUROC (mean over tasks with a score) for each (protocol, init, setting, value, seed)."""
+    keys = ["protocol", "init", "setting", "value", "seed"]
+    scored = records[records["auroc"].notna()]
+    return scored.groupby(keys, as_index=False)["auroc"].mean()
+
+
+def curve_table(records: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """Per protocol × init × value (fraction or k): mean macro AUROC over seeds with a t-interval."""
+    per_seed = macro_per_seed(records[records["setting"] == setting])
+    rows = []
+    for (protocol, init, value), group in per_seed.groupby(["protocol", "init", "value"]):
+        rows.append({"protocol": protocol, "init": init, "value": value, **mean_ci(group["auroc"], bounds=(0, 1))})
+    return pd.DataFrame(rows)
+
+
+def kshot_task_table(records: pd.DataFrame, k: int, protocol: str) -> pd.DataFrame:
+    """Per init × task at k: mean AUROC over seeds (t-interval), test positives, and why a task was skipped."""
+    part = records[(records["setting"] == "kshot") & (records["value"] == k) & (records["protocol"] == protocol)]
+    rows = []
+    for (init, task), group in part.groupby(["init", "task"], sort=False):
+        skipped = group["skipped"].dropna()
+        rows.append({"init": init, "task": task, **mean_ci(group["auroc"], bounds=(0, 1)), "n_pos": int(group["n_pos"].iloc[0]),
+                     "skipped": skipped.iloc[0] if len(skipped) == len(group) else None})
+    return pd.DataFrame(rows)
+
+
+def paired_seed_table(records: pd.DataFrame, setting: str, comparisons=COMPARISONS) -> pd.DataFrame:
+    """Per protocol × comparison × value: mean over seeds of the macro AUROC difference on the same subsets.
+
+    A seed counts only when both inits scored the same tasks (they always do: subsets are shared)."""
+    per_seed = macro_per_seed(records[records["setting"] == setting])
+    rows = []
+    for protocol in per_seed["protocol"].unique():
+        table = per_seed[per_seed["protocol"] == protocol].pivot_table(index=["value", "seed"], columns="init",
+                                                                         values="auroc")
+        for a, b in comparisons:
+            if a not in table or b not in table:
+                continue
+            diff = (table[a] - table[b]).dropna()
+            for value, group in diff.groupby(level="value"):
+                rows.append({"protocol": protocol, "comparison": f"{a} − {b}", "value": value,
+                             **mean_ci(group, bounds=(-1, 1))})
+    return pd.DataFrame(rows)
+
+
+def skipped_runs(records: pd.DataFrame) -> pd.DataFrame:
+    """Every (init-independent) task × setting that could not be scored, with the reason."""
+    s = records[records["skipped"].notna()]
+    return s.drop_duplicates(["setting", "value", "task", "skipped"])[["setting", "value", "task", "skipped"]]
+
+
+def verdict(low: float, high: float) -> str:
+    """Whether a gain is shown by its 95 % CI."""
+    if math.isnan(low) or math.isnan(high):
+        return "not measurable on this cohort"
+    if low > 0:
+        return "holds (95% CI above 0)"
+    if high < 0:
+        return "contradicted (95% CI below 0: X-Cardia is worse)"
+    return "not shown (95% CI includes 0)"
+
+
+def check_claims(paired_full: pd.DataFrame | None, kshot_paired: pd.DataFrame | None, protocol: str = "paper") -> list[dict]:
+    """Each abstract claim beside the measured value, its CI, and whether the cohort shows it."""
+    out = []
+    if paired_full is not None and len(paired_full):
+        paired_full = paired_full.assign(**{c: pd.to_numeric(paired_full[c], errors="coerce")
+                                            for c in ("difference", "ci_low", "ci_high")})
+        for comparison in ("xcardia − clip", "xcardia − scratch"):
+            part = paired_full[(paired_full["comparison"] == comparison) & (paired_full["task"] != "macro")]
+            if part.empty or part["difference"].isna().all():
+                continue
+            best = part.loc[part["difference"].idxmax()]
+            out.append({"claim": PAPER_CLAIMS["full_label_max_gain"]["text"], "comparison": comparison,
+                        "paper": PAPER_CLAIMS["full_label_max_gain"]["value"], "measured": float(best["difference"]),
+                        "ci_low": float(best["ci_low"]), "ci_high": float(best["ci_high"]),
+                        "detail": f"largest per-task gain: {LABEL_SHORT.get(best['task'], best['task'])}",
+                        "holds": bool(best["ci_low"] > 0), "verdict": verdict(best["ci_low"], best["ci_high"])})
+    if kshot_paired is not None and len(kshot_paired):
+        five = kshot_paired[(kshot_paired["value"] == 5) & (kshot_paired["protocol"] == protocol)]
+        for _, row in five.iterrows():
+            low, high = (float(row[c]) if row[c] is not None else math.nan for c in ("ci_low", "ci_high"))
+            out.append({"claim": PAPER_CLAIMS["five_shot_mean_gain"]["text"], "comparison": row["comparison"],
+                        "paper": PAPER_CLAIMS["five_shot_mean_gain"]["value"], "measured": float(row["mean"]),
+                        "ci_low": low, "ci_high": high,
+                        "detail": f"mean over tasks, {row['n']} seeds, {protocol} protocol",
+                        "holds": bool(low > 0), "verdict": verdict(low, high)})
+    return out
+
+
+def table_records(frame: pd.DataFrame) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+
+def format_ci(value, low, high, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def wide_auroc_table(table: pd.DataFrame) -> pd.DataFrame:
+    """inits × tasks of "AUROC [CI]" strings, tasks by short name, plus a row of test positives."""
+    cells = table.assign(cell=[format_ci(r.auroc, r.ci_low, r.ci_high, 2) for r in table.itertuples()])
+    wide = cells.pivot(index="init", columns="task", values="cell")
+    order = [t for t in (*LABELS, "macro") if t in wide.columns]
+    wide = wide[order]
+    positives = table.dropna(subset=["n_pos"]).drop_duplicates("task").set_index("task")["n_pos"]
+    wide.loc["(test positives)"] = [str(int(positives[t])) if t in positives else "" for t in order]
+    wide.columns = [LABEL_SHORT.get(c, c) for c in order]
+    return wide
+
+
+def finetune_section(records: pd.DataFrame, predictions: dict, y_test: np.ndarray, n_boot: int, seed: int = 0) -> dict:
+    """The ``finetune`` section of metrics.json: full-label tables, paired differences, the fraction sweep, skips."""
+    inits = list(dict.fromkeys(records["init"]))
+    section = {"full_label": {}, "paired": {}, "fraction_sweep": {}, "skipped": table_records(skipped_runs(records))}
+    for protocol in dict.fromkeys(records["protocol"]):
+        full = full_label_table(y_test, predictions, protocol, inits, n_boot, seed)
+        section["full_label"][protocol] = table_records(full)
+        if protocol != "scratch_all":
+            section["paired"][protocol] = table_records(paired_table(y_test, predictions, protocol, n_boot=n_boot, seed=seed))
+    section["fraction_sweep"] = table_records(curve_table(records, "fraction"))
+    return section
+
+
+def fewshot_section(records: pd.DataFrame, k_table: int = 5) -> dict:
+    """The ``fewshot`` section: AUROC against k, per-task k-shot tables, paired differences over seeds, skips."""
+    section = {"kshot_curve": table_records(curve_table(records, "kshot")),
+               "paired": table_records(paired_seed_table(records, "kshot")),
+               "per_task": {p: table_records(kshot_task_table(records, k_table, p))
+                            for p in dict.fromkeys(records["protocol"])},
+               "per_task_k": k_table,
+               "skipped": table_records(skipped_runs(records))}
+    return section
+
+
+def claims_from_sections(finetune: dict | None, fewshot: dict | None, protocol: str = "paper") -> list[dict]:
+    paired_full = pd.DataFrame(finetune["paired"].get(protocol, [])) if finetune else None
+    kshot_paired = pd.DataFrame(fewshot["paired"]) if fewshot else None
+    return check_claims(paired_full, kshot_paired, protocol)
