@@ -75,6 +75,7 @@ def test_smoke_reproduction_writes_metrics_summary_and_figures(smoke_reproductio
     metrics = read_metrics(smoke_reproduction)
     assert metrics["run"]["profile"] == "smoke"
     assert metrics["cohort"]["n_patients"] == 300
+    assert {"pretraining", "interpretability", "finetune", "fewshot", "claims"} <= set(metrics)
     assert (smoke_reproduction / "summary.md").read_text().startswith("# X-Cardia companion")
     pngs = {p.stem for p in (smoke_reproduction / "figures").glob("*.png")}
     pdfs = {p.stem for p in (smoke_reproduction / "figures").glob("*.pdf")}

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--k", help="comma-separated k values (default: the profile's)")
             e.add_argument("--seeds", type=_positive_int, help="draws per k and task (default: the profile's)")
 
+    b = sub.add_parser("bench", help="benchmarks: ratios against baselines measured in the same run")
+    b.add_argument("--quick", action="store_true", help="smaller sizes (under 3 minutes on 2 cores)")
+    b.add_argument("--scale", choices=["full", "quick", "tiny"], help=argparse.SUPPRESS)
+    b.add_argument("--only", help="comma-separated benchmark names")
+    b.add_argument("--json", help="also write the results as JSON to this file")
+
     r = sub.add_parser("reproduce", help="run every notebook through papermill")
     r.add_argument("--profile", choices=_profile_names(), default="cpu")
     r.add_argument("--out", help="output folder (default: outputs/<profile>)")
@@ -238,6 +244,27 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from xcardia.paths import project_root
+
+    if not (project_root() / "bench" / "suite.py").exists():
+        raise XcardiaError("the benchmark suite lives in the repository's bench/ folder; run from a checkout")
+    sys.path.insert(0, str(project_root()))
+    from bench.suite import BENCHMARKS, format_table, run
+
+    only = args.only.split(",") if args.only else None
+    if only and set(only) - set(BENCHMARKS):
+        raise XcardiaError(f"--only: unknown benchmark(s) {sorted(set(only) - set(BENCHMARKS))}; "
+                           f"choose from {', '.join(BENCHMARKS)}")
+    results = run(args.scale or ("quick" if args.quick else "full"), only)
+    print(format_table(results))
+    if args.json:
+        from xcardia.results import write_json_atomic
+
+        write_json_atomic(args.json, results)
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from xcardia.reproduce import reproduce
 
@@ -252,6 +279,7 @@ COMMANDS = {
     "pretrain": _cmd_pretrain,
     "finetune": _cmd_evaluate,
     "fewshot": _cmd_evaluate,
+    "bench": _cmd_bench,
     "reproduce": _cmd_reproduce,
 }
 

@@ -46,7 +46,8 @@ def clip_loss(image_emb: torch.Tensor, tabular_emb: torch.Tensor, temperature: f
     offset = rank() * b if all_img.shape[0] != b else 0  # every rank holds the same batch size (drop_last=True)
     targets = torch.arange(offset, offset + b, device=img.device)
     logits_img = img @ all_tab.t() / temperature  # (B, global B): each local image against every tabular row
-    logits_tab = tab @ all_img.t() / temperature
+    # one process holds the global batch: the tabular→image logits are the transpose, no second matmul
+    logits_tab = logits_img.t() if all_img.shape[0] == b else tab @ all_img.t() / temperature
     return 0.5 * (F.cross_entropy(logits_img, targets) + F.cross_entropy(logits_tab, targets))
 
 

@@ -143,8 +143,31 @@ def _claims_lines(claims: list) -> list[str]:
     return lines + [""]
 
 
+def _interpretability_lines(section: dict) -> list[str]:
+    lines = ["## Interpretability (notebook 03)", ""]
+    r2 = section.get("latent_axes_r2", {})
+    if r2:
+        phenotypes = list(next(iter(r2.values())))
+        lines += ["Cross-validated R² of a linear read-out of each phenotype from the encoders' features (test patients):",
+                  "", "| init | " + " | ".join(phenotypes) + " |", "|---" * (len(phenotypes) + 1) + "|"]
+        for init, values in r2.items():
+            lines.append(f"| {init} | " + " | ".join(_fmt(values.get(p), 2) for p in phenotypes) + " |")
+    calibration = section.get("nw_calibration")
+    if calibration:
+        lines += ["", f"NW temperature: learned {_fmt(calibration['learned_tau'])}, tuned on validation "
+                      f"{_fmt(calibration['tuned_tau'])} (the paper fixes 1.0)."]
+    saliency = section.get("saliency_heart_share")
+    if saliency:
+        lines += ["", "| init | method | region | saliency share [95% CI] | volume share |", "|---|---|---|---|---|"]
+        for row in saliency:
+            lines.append(f"| {row['init']} | {row['method']} | {row['region']} | {_fmt(row['saliency_share'])} "
+                         f"[{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}] | {_fmt(row['volume_share'])} |")
+    return lines + [""]
+
+
 #: How each notebook's section of metrics.json reads in the summary.
-_SECTION_RENDERERS = {"pretraining": _pretraining_lines, "finetune": _finetune_lines, "fewshot": _fewshot_lines,
+_SECTION_RENDERERS = {"pretraining": _pretraining_lines, "interpretability": _interpretability_lines,
+                      "finetune": _finetune_lines, "fewshot": _fewshot_lines,
                       "claims": _claims_lines}
 
 

@@ -1,0 +1,299 @@
+"""xcardia benchmark suite: ``python -m xcardia bench [--quick] [--json FILE]``.
+
+Every result is a ratio against a baseline measured in the same run on the same machine (absolute times on a
+shared machine are noise), printed with the raw medians. Benchmarks never run inside the test suite; the tests only
+check that ``bench --scale tiny`` runs.
+
+1. cohort generation per worker at 32³, 64³, 164³, beside one training batch of the smoke encoder;
+2. CT preprocessing, cold (NIfTI → MONAI pipeline) against warm (cache hit), and throughput at 164³ / 2 mm;
+3. ``clip_loss`` against the textbook single-process implementation, batch 256;
+4. a training step with CLIP + NW head against CLIP alone, bank sizes 20 / 4,096 / 65,536, batch 32, D = 256;
+5. the engine's training step against a bare forward/backward of the same model on pre-loaded tensors, and the
+   share of step time the engine waits for data;
+6. the cost model of the paper profile (FLOPs and activation memory of ResNet-50 at 164³; see ``cost_model.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much work each benchmark does."""
+
+    name: str
+    generation: tuple[tuple[int, int], ...]  # (shape, volumes)
+    preprocess_volumes: int
+    preprocess_164: int
+    repeats: int
+    bank_sizes: tuple[int, ...]
+    engine_patients: int
+    engine_batch: int
+    cost_shapes: tuple[int, ...]
+
+
+SCALES = {
+    "full": Scale("full", ((32, 60), (64, 24), (164, 4)), 24, 4, 9, (20, 4096, 65536), 640, 16, (32, 48, 64)),
+    "quick": Scale("quick", ((32, 30), (64, 10), (164, 2)), 10, 2, 5, (20, 4096, 65536), 400, 16, (32, 48)),
+    "tiny": Scale("tiny", ((32, 4), (48, 2)), 3, 0, 2, (20, 256), 60, 8, (24,)),
+}
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------ 1. generation
+def bench_generation(scale: Scale) -> dict:
+    from xcardia.cohort.physiology import sample_patient
+    from xcardia.cohort.render import RenderSpec, render_ct
+    from xcardia.config import get_profile
+    from xcardia.models.image_encoder import ImageEncoder
+
+    out = {}
+    for shape, n in scale.generation:
+        spec = RenderSpec((shape,) * 3, 328.0 / shape if shape >= 100 else 6.0 * 32 / shape,
+                          "chest" if shape >= 100 else "heart")
+        t = time.perf_counter()
+        for i in range(n):
+            p = sample_patient(0, i)
+            render_ct(p.anatomy, spec, np.random.default_rng([0, i, 1]))
+        seconds = (time.perf_counter() - t) / n
+        out[f"{shape}^3"] = {"seconds_per_volume": seconds, "volumes_per_second_per_worker": 1.0 / seconds}
+    encoder = ImageEncoder(get_profile("smoke").model.image)
+    x = torch.randn(16, 1, 32, 32, 32)
+    opt = torch.optim.AdamW(encoder.parameters())
+
+    def step():
+        opt.zero_grad()
+        encoder(x).pow(2).mean().backward()
+        opt.step()
+
+    batch = median_time(step, scale.repeats)
+    out["smoke_encoder_batch16_step_seconds"] = batch
+    if "32^3" in out:
+        out["ratio_generate_16_volumes_32^3_vs_one_training_step"] = 16 * out["32^3"]["seconds_per_volume"] / batch
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 2. preprocessing
+def bench_preprocessing(scale: Scale, workdir: Path) -> dict:
+    from xcardia.cohort.generate import save_nifti
+    from xcardia.cohort.physiology import sample_patient
+    from xcardia.cohort.render import RenderSpec, render_ct
+    from xcardia.data.imaging import PreprocessCache, PreprocessSpec
+
+    def write(n: int, spec: RenderSpec, folder: str) -> list[Path]:
+        paths = []
+        for i in range(n):
+            p = sample_patient(1, i)
+            ct = render_ct(p.anatomy, spec, np.random.default_rng([1, i, 1]))
+            path = workdir / folder / f"{i}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_nifti(path, ct.hu, ct.affine)
+            paths.append(path)
+        return paths
+
+    paths = write(scale.preprocess_volumes, RenderSpec((64, 64, 64), 3.0, "heart"), "ct64")
+    pre = PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0)
+    cache = PreprocessCache(workdir / "cache", pre)
+    t = time.perf_counter()
+    for p in paths:
+        cache.load(p)
+    cold = (time.perf_counter() - t) / len(paths)
+    warm = median_time(lambda: [cache.load(p) for p in paths], scale.repeats, warmup=0) / len(paths)
+    out = {"cold_seconds_per_volume": cold, "warm_seconds_per_volume": warm, "ratio_cold_vs_warm": cold / warm}
+    if scale.preprocess_164:
+        big = write(scale.preprocess_164, RenderSpec((164, 164, 164), 2.0, "chest"), "ct164")
+        cache164 = PreprocessCache(workdir / "cache164", PreprocessSpec(shape=(164, 164, 164), spacing_mm=2.0))
+        t = time.perf_counter()
+        for p in big:
+            cache164.load(p)
+        seconds = (time.perf_counter() - t) / len(big)
+        out["164^3_2mm_cold_volumes_per_second_per_worker"] = 1.0 / seconds
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 3. clip loss
+def textbook_clip(img: torch.Tensor, tab: torch.Tensor, tau: float) -> torch.Tensor:
+    img, tab = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(tab, dim=1)
+    logits = img @ tab.t() / tau
+    target = torch.arange(len(img))
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
+
+
+def bench_clip_loss(scale: Scale) -> dict:
+    from xcardia.losses import clip_loss
+
+    img = torch.randn(256, 256, requires_grad=True)
+    tab = torch.randn(256, 256, requires_grad=True)
+
+    def run(fn):
+        return lambda: fn(img, tab, 0.07).backward()
+
+    ours = median_time(run(clip_loss), scale.repeats * 4, warmup=3)
+    textbook = median_time(run(textbook_clip), scale.repeats * 4, warmup=3)
+    return {"clip_loss_seconds": ours, "textbook_seconds": textbook, "ratio_clip_loss_vs_textbook": ours / textbook}
+
+
+# ------------------------------------------------------------------------------------------ 4. NW head overhead
+def bench_nw_head(scale: Scale) -> dict:
+    from xcardia.config import get_profile
+    from xcardia.losses import clip_loss, masked_bce, nw_predict
+    from xcardia.models.xcardia_model import XCardiaModel
+
+    torch.manual_seed(0)
+    prof = get_profile("smoke")
+    model = XCardiaModel(replace(prof.model, proj_dim=256), n_tabular_features=40)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    image = torch.randn(32, 1, 32, 32, 32)
+    values, missing = torch.randn(32, 40), torch.zeros(32, 40, dtype=torch.bool)
+    concepts = (torch.rand(32, 4) < 0.3).float()
+
+    def step(bank=None):
+        def run():
+            opt.zero_grad()
+            e_img, e_tab = model(image, values, missing)
+            loss = clip_loss(e_img, e_tab, 0.07)
+            if bank is not None:
+                pred, _ = nw_predict(XCardiaModel.nw_query(e_img, e_tab, "fused"), bank[0], bank[1], 0.1)
+                loss = loss + 0.5 * masked_bce(pred, concepts)
+            loss.backward()
+            opt.step()
+        return run
+
+    clip_only = median_time(step(), scale.repeats)
+    out = {"clip_only_step_seconds": clip_only}
+    for size in scale.bank_sizes:
+        bank = (torch.nn.functional.normalize(torch.randn(size, 256), dim=1), (torch.rand(size, 4) < 0.3).float())
+        seconds = median_time(step(bank), scale.repeats)
+        out[f"bank_{size}_step_seconds"] = seconds
+        out[f"ratio_clip_nw_bank_{size}_vs_clip_only"] = seconds / clip_only
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 5. engine
+def bench_engine(scale: Scale, workdir: Path) -> dict:
+    from xcardia.cohort.generate import CohortSpec, generate_cohort
+    from xcardia.cohort.render import RenderSpec
+    from xcardia.config import get_profile
+    from xcardia.losses import clip_loss, masked_bce, nw_predict
+    from xcardia.models.xcardia_model import XCardiaModel
+    from xcardia.pretrain import pretrain, profile_run_specs
+
+    prof = get_profile("smoke")
+    spec = CohortSpec(n_patients=scale.engine_patients, seed=5, render=RenderSpec((32, 32, 32), 6.0, "heart"),
+                      split_fractions=(0.8, 0.1, 0.1, 0.0))
+    generate_cohort(workdir / "cohort", spec, progress=False)
+    batch = scale.engine_batch
+    model_spec, pre_spec = profile_run_specs(prof, "xcardia", epochs=2, batch_size=batch, bank_refresh_every=100)
+    stamps: list[tuple[int, float]] = []
+    pretrain(workdir / "cohort", workdir / "run", model_spec, pre_spec, prof.preprocess, cache_dir=workdir / "cache",
+             progress=False, log=lambda *_: None, on_step=lambda epoch, step: stamps.append((epoch, time.perf_counter())))
+    second = [t for e, t in stamps if e == 1]  # epoch 2: the cache is warm
+    engine = statistics.median(np.diff(second))
+    log = json.loads((workdir / "run" / "log.json").read_text())
+
+    # the bare loop: the same model and loss on the same batches, already stacked in memory
+    state = torch.load(workdir / "run" / "checkpoint.pt", weights_only=True)
+    from xcardia.data.dataset import CohortDataset
+    from xcardia.data.imaging import PreprocessCache
+    from xcardia.data.manifest import load_manifest
+    from xcardia.models.tabular_encoder import TabularPreprocessor
+    from xcardia.pretrain import effective_model_spec
+
+    manifest = load_manifest(workdir / "cohort")
+    pre = TabularPreprocessor.from_state_dict(state["tabular"])
+    rows = np.flatnonzero(manifest["split"].isin(["pretrain", "train"]).to_numpy())
+    ds = CohortDataset(manifest, rows, PreprocessCache(workdir / "cache", prof.preprocess), pre.transform(manifest))
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True))
+    model = XCardiaModel(effective_model_spec(model_spec, pre_spec), len(pre.columns))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bank = (state["bank"]["embeddings"], state["bank"]["targets"])
+    times = []
+    for b in batches * 2:
+        t = time.perf_counter()
+        opt.zero_grad()
+        e_img, e_tab = model(b["image"], b["tab_values"], b["tab_missing"])
+        pred, _ = nw_predict(XCardiaModel.nw_query(e_img, e_tab, "fused"), bank[0], bank[1], model.nw_temperature())
+        (clip_loss(e_img, e_tab, model.clip_temperature()) + 0.5 * masked_bce(pred, b["concepts"])).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    bare_step = statistics.median(times[len(batches):])
+    return {"engine_step_seconds": engine, "bare_step_seconds": bare_step, "ratio_engine_vs_bare": engine / bare_step,
+            "steps_timed": len(second) - 1, "data_wait_share": log[-1]["data_wait_share"]}
+
+
+# ------------------------------------------------------------------------------------------ runner
+BENCHMARKS = {
+    "generation": lambda s, d: bench_generation(s),
+    "preprocessing": bench_preprocessing,
+    "clip_loss": lambda s, d: bench_clip_loss(s),
+    "nw_head": lambda s, d: bench_nw_head(s),
+    "engine": bench_engine,
+    "cost_model": lambda s, d: __import__("bench.cost_model", fromlist=["cost_model"]).cost_model(s.cost_shapes),
+}
+
+#: Goals stated in the issues (a ratio below the goal is a pass; informative, never a test).
+GOALS = {
+    ("nw_head", "ratio_clip_nw_bank_4096_vs_clip_only"): ("≤", 1.10),
+    ("clip_loss", "ratio_clip_loss_vs_textbook"): ("≤", 1.0),
+    ("engine", "ratio_engine_vs_bare"): ("≤", 1.15),
+    ("preprocessing", "ratio_cold_vs_warm"): ("≥", 10.0),
+    ("generation", "64^3"): ("≥ vol/s", 10.0),
+}
+
+
+def run(scale_name: str = "full", only=None, log=print) -> dict:
+    scale = SCALES[scale_name]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {"scale": scale_name, "torch_threads": torch.get_num_threads(), "benchmarks": {}}
+    with tempfile.TemporaryDirectory(prefix="xcardia-bench-") as tmp:
+        for name, fn in BENCHMARKS.items():
+            if only and name not in only:
+                continue
+            log(f"[bench] {name} ...")
+            t = time.perf_counter()
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            results["benchmarks"][name] = fn(scale, workdir)
+            results["benchmarks"][name]["benchmark_seconds"] = time.perf_counter() - t
+    return results
+
+
+def _flatten(prefix: str, value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flatten(f"{prefix}.{k}" if prefix else k, v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _flatten(f"{prefix}[{i}]", v)
+    else:
+        yield prefix, value
+
+
+def format_table(results: dict) -> str:
+    lines = [f"xcardia benchmarks (scale {results['scale']}, {results['torch_threads']} torch threads)", ""]
+    for name, values in results["benchmarks"].items():
+        lines.append(f"{name}:")
+        for key, value in _flatten("", values):
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            goal = GOALS.get((name, key.split(".")[0]))
+            lines.append(f"  {key:66s} {text}" + (f"   (goal {goal[0]} {goal[1]})" if goal else ""))
+    return "\n".join(lines)

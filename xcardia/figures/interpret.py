@@ -1,0 +1,123 @@
+"""Figures of notebook 03: latent phenotype axes, 2-D maps, NW explanations and calibration, saliency."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from xcardia.figures import radiological_slices, window_limits
+
+
+def plot_r2_heatmap(r2: pd.DataFrame):
+    """inits × phenotypes out-of-fold R² of the ridge axes."""
+    fig, ax = plt.subplots(figsize=(0.8 * r2.shape[1] + 2.5, 0.5 * r2.shape[0] + 1.5))
+    sns.heatmap(r2.astype(float), annot=True, fmt=".2f", vmin=0, vmax=1, cmap="magma", ax=ax, annot_kws={"size": 8})
+    ax.set_title("cross-validated R² of a linear read-out (test patients)", fontsize=10)
+    ax.tick_params(axis="x", rotation=40, labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_axis_cosines(cosines: pd.DataFrame, title: str):
+    fig, ax = plt.subplots(figsize=(0.55 * len(cosines) + 2.5, 0.5 * len(cosines) + 1.5))
+    sns.heatmap(cosines, annot=True, fmt=".2f", vmin=-1, vmax=1, cmap="RdBu_r", center=0, ax=ax, annot_kws={"size": 7})
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_traversal(volumes: list[np.ndarray], values: list[float], phenotype: str, predicted: list[float]):
+    """Axial mid-slices of patients from low to high along a latent axis."""
+    fig, axes = plt.subplots(1, len(volumes), figsize=(2.1 * len(volumes), 2.6))
+    lo, hi = window_limits("mediastinal")
+    for ax, volume, value, pred in zip(axes, volumes, values, predicted):
+        centre = tuple(s // 2 for s in volume.shape)
+        ax.imshow(radiological_slices(volume, centre)["axial"], cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(f"{phenotype} {value:.2f}\n(axis {pred:.2f})", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"along the {phenotype} axis: low → high", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_maps_2d(maps: dict[str, np.ndarray], colours: dict[str, np.ndarray]):
+    """Rows: embeddings (e.g. 'CLIP — PCA'); columns: what colours the points (phenotype, concept, label)."""
+    fig, axes = plt.subplots(len(maps), len(colours), figsize=(3.4 * len(colours), 3.0 * len(maps)), squeeze=False)
+    for r, (title, xy) in enumerate(maps.items()):
+        for c, (name, values) in enumerate(colours.items()):
+            ax = axes[r, c]
+            v = np.asarray(values, dtype=float)
+            known = ~np.isnan(v)
+            ax.scatter(xy[~known, 0], xy[~known, 1], s=3, c="0.85", rasterized=True)
+            sc = ax.scatter(xy[known, 0], xy[known, 1], s=4, c=v[known], cmap="viridis", rasterized=True)
+            fig.colorbar(sc, ax=ax, fraction=0.04)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_nw_explanations(query_volumes, query_titles, support_volumes, support_titles):
+    """One row per query: its CT, then its top supports titled with their weights and concepts."""
+    n_q, n_s = len(query_volumes), len(support_volumes[0])
+    fig, axes = plt.subplots(n_q, n_s + 1, figsize=(2.2 * (n_s + 1), 2.5 * n_q), squeeze=False)
+    lo, hi = window_limits("mediastinal")
+    for r in range(n_q):
+        for c, (volume, title) in enumerate(zip([query_volumes[r], *support_volumes[r]], [query_titles[r], *support_titles[r]])):
+            ax = axes[r, c]
+            ax.imshow(radiological_slices(volume, tuple(s // 2 for s in volume.shape))["axial"], cmap="gray", vmin=lo, vmax=hi)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_calibration(curves: dict[str, pd.DataFrame], sweep: pd.DataFrame):
+    """Reliability diagrams at a few temperatures, and ECE / effective supports against τ."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
+    for name, curve in curves.items():
+        ax.plot(curve["confidence"], curve["frequency"], marker="o", ms=3, label=name)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title("reliability (test, all concepts)", fontsize=10)
+    ax.legend(fontsize=8)
+    for ax, column, title in ((axes[1], "ece", "ECE"), (axes[2], "effective_supports", "effective supports 1/Σw²")):
+        for split, part in sweep.groupby("split"):
+            ax.plot(part["tau"], part[column], marker="o", ms=3, label=split)
+        ax.set_xscale("log")
+        ax.set_xlabel("NW temperature τ")
+        ax.set_title(title, fontsize=10)
+        ax.axvline(1.0, color="tab:red", lw=0.8, ls=":")
+    axes[2].axhline(sweep["bank_size"].iloc[0], color="0.7", lw=0.8, ls="--")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_saliency_example(volume: np.ndarray, heart: np.ndarray, maps: dict[str, np.ndarray]):
+    """One patient's axial slice with each saliency map over it and the heart outline."""
+    centre = tuple(int(round(v)) for v in np.argwhere(heart).mean(axis=0)) if heart.any() else tuple(s // 2 for s in volume.shape)
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 3.2))
+    lo, hi = window_limits("mediastinal")
+    base = radiological_slices(volume, centre)["axial"]
+    outline = radiological_slices(heart.astype(float), centre)["axial"]
+    axes[0].imshow(base, cmap="gray", vmin=lo, vmax=hi)
+    axes[0].contour(outline, levels=[0.5], colors="tab:red", linewidths=0.8)
+    axes[0].set_title("CT and heart (label map)", fontsize=9)
+    for ax, (name, m) in zip(axes[1:], maps.items()):
+        ax.imshow(base, cmap="gray", vmin=lo, vmax=hi)
+        ax.imshow(np.clip(radiological_slices(m, centre)["axial"], 0, None), cmap="jet", alpha=0.45)
+        ax.contour(outline, levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
