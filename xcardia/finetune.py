@@ -447,62 +447,54 @@ def _write_json(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
-def finetune_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
-                        seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
-    """The label-fraction sweep (``paper`` and ``probe`` for every init, ``scratch_all`` for scratch) with its
-    files in ``out_dir``: ``records.csv``, ``predictions.npz``, ``subsets.json`` (patient ids of every fraction ×
-    seed) and ``config.json``. A folder holding the same configuration's results is reused.
-
-    Returns the records, the test predictions and the test labels (n_test, 10)."""
+def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir, spec: FinetuneSpec | None,
+              seed: int, progress: bool, log) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    """Run (or reuse) one evaluation part — ``finetune`` or ``fewshot`` — and keep its files in ``out_dir``."""
     from xcardia.data.manifest import load_manifest
 
     spec = spec or profile.finetune
     out = Path(out_dir)
+    prefix = "" if part == "finetune" else "kshot_"
+    files = {k: out / f"{prefix}{k}" for k in ("records.csv", "predictions.npz", "subsets.json")}
     manifest = load_manifest(manifest_path)
-    fingerprint = _fingerprint(profile, manifest_path, inits, spec, seed, "finetune")
-    files = ("records.csv", "predictions.npz", "subsets.json", "test_labels.npy")
-    if _reusable(out, fingerprint, files):
-        log(f"[finetune] reusing the results in {out}")
-        return pd.read_csv(out / "records.csv"), load_predictions(out / "predictions.npz"), np.load(out / "test_labels.npy")
-    exp = prepare_experiment(profile, manifest, inits, cache_dir or Path(out).parent / "cache", spec, seed, log)
-    records, predictions = run_fraction_sweep(exp, log, progress)
-    ids = manifest["patient_id"].to_numpy()
-    subsets = {str(f): {str(s): [str(i) for i in ids[fraction_subset(exp.rows["train"], f, s)]]
-                        for s in spec.fraction_seeds} for f in spec.fractions}
+    fingerprint = _fingerprint(profile, manifest_path, inits, spec, seed, part)
+    if _reusable(out, fingerprint, [*files.values(), out / "test_labels.npy"]):
+        log(f"[{part}] reusing the results in {out}")
+        return (pd.read_csv(files["records.csv"]), load_predictions(files["predictions.npz"]),
+                np.load(out / "test_labels.npy"))
+    exp = prepare_experiment(profile, manifest, inits, cache_dir or out.parent / "cache", spec, seed, log)
+    if part == "finetune":
+        records, predictions = run_fraction_sweep(exp, log, progress)
+        ids = manifest["patient_id"].to_numpy()
+        subsets = {str(f): {str(s): [str(i) for i in ids[fraction_subset(exp.rows["train"], f, s)]]
+                            for s in spec.fraction_seeds} for f in spec.fractions}
+    else:
+        records, predictions, subsets = run_kshot(exp, log, progress)
     out.mkdir(parents=True, exist_ok=True)
-    records.to_csv(out / "records.csv", index=False)
-    save_predictions(out / "predictions.npz", predictions)
+    records.to_csv(files["records.csv"], index=False)
+    save_predictions(files["predictions.npz"], predictions)
     np.save(out / "test_labels.npy", exp.test_labels())
-    _write_json(out / "subsets.json", subsets)
+    _write_json(files["subsets.json"], subsets)
     _write_json(out / "config.json", fingerprint)
     return records, predictions, exp.test_labels()
+
+
+def finetune_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
+                        seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    """The label-fraction sweep (``paper`` and ``probe`` for every init, ``scratch_all`` for scratch) with its
+    files in ``out_dir``: ``records.csv``, ``predictions.npz``, ``subsets.json`` (patient ids of every fraction ×
+    seed), ``test_labels.npy`` and ``config.json``. A folder holding the same configuration's results is reused.
+
+    Returns the records, the test predictions and the test labels (n_test, 10)."""
+    return _run_part("finetune", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log)
 
 
 def fewshot_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
                        seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
     """True k-shot for every init with its files in ``out_dir``: ``kshot_records.csv``, ``kshot_predictions.npz``,
-    ``kshot_subsets.json`` (``{task: {k: {seed: [patient ids]}}}``, or the reason a draw was impossible) and
-    ``config.json``. Reused when the configuration matches."""
-    from xcardia.data.manifest import load_manifest
-
-    spec = spec or profile.finetune
-    out = Path(out_dir)
-    manifest = load_manifest(manifest_path)
-    fingerprint = _fingerprint(profile, manifest_path, inits, spec, seed, "fewshot")
-    files = ("kshot_records.csv", "kshot_predictions.npz", "kshot_subsets.json", "test_labels.npy")
-    if _reusable(out, fingerprint, files):
-        log(f"[fewshot] reusing the results in {out}")
-        return (pd.read_csv(out / "kshot_records.csv"), load_predictions(out / "kshot_predictions.npz"),
-                np.load(out / "test_labels.npy"))
-    exp = prepare_experiment(profile, manifest, inits, cache_dir or Path(out).parent / "cache", spec, seed, log)
-    records, predictions, subsets = run_kshot(exp, log, progress)
-    out.mkdir(parents=True, exist_ok=True)
-    records.to_csv(out / "kshot_records.csv", index=False)
-    save_predictions(out / "kshot_predictions.npz", predictions)
-    np.save(out / "test_labels.npy", exp.test_labels())
-    _write_json(out / "kshot_subsets.json", subsets)
-    _write_json(out / "config.json", fingerprint)
-    return records, predictions, exp.test_labels()
+    ``kshot_subsets.json`` (``{task: {k: {seed: [patient ids]}}}``, or the reason a draw was impossible),
+    ``test_labels.npy`` and ``config.json``. Reused when the configuration matches."""
+    return _run_part("fewshot", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log)
 
 
 def profile_inits(profile, runs_dir) -> dict[str, str]:

@@ -10,49 +10,38 @@ from xcardia.cohort.schema import CONCEPT_NAMES
 from xcardia.figures import radiological_slices, window_limits
 
 
-def plot_training_curves(logs: dict[str, pd.DataFrame]):
-    """Per run: total training loss, its CLIP and NW parts, and the validation CLIP loss per epoch."""
-    panels = [("train_loss", "training loss"), ("train_clip", "CLIP loss (train)"), ("train_nw", "NW loss (train)"),
-              ("val_clip", "CLIP loss (validation)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (column, title) in zip(axes, panels):
+def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log_y: bool = False):
+    """One panel per (log column, title), one line per run against the epoch."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (column, title) in zip(axes.flat, panels):
         for name, log in logs.items():
-            if column in log and log[column].abs().sum() > 0:
+            if column in log and log[column].notna().any() and not (log[column] == 0).all():  # a loss a run never uses
                 ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name)
+        if log_y:
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_training_curves(logs: dict[str, pd.DataFrame]):
+    """Per run: total training loss, its CLIP and NW parts, and the validation CLIP loss per epoch."""
+    return _per_epoch(logs, [("train_loss", "training loss"), ("train_clip", "CLIP loss (train)"),
+                             ("train_nw", "NW loss (train)"), ("val_clip", "CLIP loss (validation)")])
 
 
 def plot_temperatures(logs: dict[str, pd.DataFrame]):
     """CLIP and NW temperatures per epoch (flat lines where they are fixed)."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, column in zip(axes, ("clip_temperature", "nw_temperature")):
-        for name, log in logs.items():
-            ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name)
-        ax.set_yscale("log")
-        ax.set_title(column.replace("_", " "), fontsize=10)
-        ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _per_epoch(logs, [("clip_temperature", "clip temperature"), ("nw_temperature", "nw temperature")], log_y=True)
 
 
 def plot_concept_metrics(logs: dict[str, pd.DataFrame]):
     """Validation concept AUROC and ECE of the NW head per epoch."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, (column, title) in zip(axes, (("val_concept_auroc", "validation concept AUROC (NW)"),
-                                          ("val_concept_ece", "validation concept ECE (NW)"))):
-        for name, log in logs.items():
-            if column in log:
-                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-    axes[0].axhline(0.5, color="0.7", lw=0.8, ls="--")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig = _per_epoch(logs, [("val_concept_auroc", "validation concept AUROC (NW)"),
+                            ("val_concept_ece", "validation concept ECE (NW)")])
+    fig.axes[0].axhline(0.5, color="0.7", lw=0.8, ls="--")
     return fig
 
 
