@@ -12,7 +12,6 @@ import torch
 import xcardia.finetune as finetune
 from xcardia.cli import main
 from xcardia.cohort.schema import LABELS
-from xcardia.errors import XcardiaError
 from xcardia.finetune import fraction_subset, kshot_subset
 
 
@@ -102,7 +101,7 @@ def test_finetune_and_fewshot_end_to_end_and_deterministic(tiny_cohort, tiny_run
     assert set(subsets) == set(LABELS)
     records = pd.read_csv(tmp_path / "a" / "fs" / "kshot_records.csv")
     scored = records[records["skipped"].isna()]
-    for (task, k, seed), group in scored.groupby(["task", "value", "seed"]):
+    for task, k, seed in scored[["task", "value", "seed"]].drop_duplicates().itertuples(index=False):
         ids = subsets[task][str(k)][str(seed)]
         assert len(ids) == 2 * k  # the same saved subset for every init
     assert (tmp_path / "a" / "summary.md").read_text().count("The paper's claims") == 1

@@ -175,6 +175,7 @@ def _cmd_validate(args) -> int:
 
 def _cmd_pretrain(args) -> int:
     from xcardia.config import get_profile
+    from xcardia.distributed import shutdown
     from xcardia.pretrain import pretrain, profile_run_specs
 
     profile = get_profile(args.profile)
@@ -185,7 +186,10 @@ def _cmd_pretrain(args) -> int:
     if args.compile:
         overrides["compile"] = True
     model_spec, spec = profile_run_specs(profile, args.method, **overrides)
-    pretrain(args.data, args.out, model_spec, spec, profile.preprocess, cache_dir=args.cache, resume=args.resume)
+    try:
+        pretrain(args.data, args.out, model_spec, spec, profile.preprocess, cache_dir=args.cache, resume=args.resume)
+    finally:
+        shutdown()  # under torchrun: leave the process group cleanly
     return 0
 
 

@@ -50,20 +50,37 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums, over ranks, the gradient of this rank's slice.
+
+    Synchronous collectives only (``all_gather`` forward, ``all_reduce`` backward): torch's own autograd gathers
+    are deprecated (``torch.distributed.nn``) or private and asynchronous (functional collectives).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every slice: sum their gradients
+        return grad[ctx.rows[0]: ctx.rows[1]]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, keeping the autograd graph.
 
-    The backward pass sends each rank the gradient of its own slice summed over ranks (open_clip's
+    The backward pass gives each rank the gradient of its own slice summed over ranks (open_clip's
     ``gather_features(gather_with_grad=True)``); with DDP's gradient averaging the parameter gradients then equal
     those of one process holding the global batch.
     """
     if not is_distributed():
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
-    # the successor of torch.distributed.nn.functional.all_gather (deprecated in torch 2.13): its backward
-    # reduce-scatters (sums) the gradients back to the rank that owns each slice
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return _AllGatherWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -89,15 +106,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / world_size()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

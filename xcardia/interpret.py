@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from xcardia.cohort.render import HEART_LABELS
-from xcardia.cohort.schema import CONCEPT_NAMES
 from xcardia.losses import nw_predict
 from xcardia.metrics import auroc, expected_calibration_error
 
@@ -212,12 +211,6 @@ def heart_share_table(maps: dict[str, np.ndarray], labelmaps: np.ndarray, n_boot
                          "ci_low": float(np.quantile(boots, 0.025)), "ci_high": float(np.quantile(boots, 0.975)),
                          "volume_share": float(masks.mean()), "n_patients": int(len(shares))})
     return pd.DataFrame(rows)
-
-
-def concept_targets(manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    from xcardia.data.dataset import table_array
-
-    return table_array(manifest, CONCEPT_NAMES)[rows]
 
 
 def init_features(source: str, manifest: pd.DataFrame, rows: np.ndarray, profile, cache_dir, seed: int = 0) -> np.ndarray:

@@ -55,11 +55,6 @@ def expected_calibration_error(y_true, probability, n_bins: int = 10) -> float:
     return float(total)
 
 
-def per_column(metric, y_true: np.ndarray, y_score: np.ndarray) -> list[float]:
-    """``metric`` applied to each column of (N, C) arrays."""
-    return [metric(y_true[:, c], y_score[:, c]) for c in range(y_true.shape[1])]
-
-
 def nanmean(values) -> float:
     v = np.asarray(values, dtype=float)
     return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan

@@ -62,10 +62,5 @@ def qtc_bazett(qt_ms, heart_rate_bpm):
 
 
 def blood_hu_from_haemoglobin(hb_g_dl):
-    """Non-contrast blood attenuation (HU) ≈ 3·Hb + 3 (Hb in g/dL; e.g. Kamel et al., AJR 2008)."""
+    """Non-contrast blood attenuation (HU) ≈ 3·Hb + 3, Hb in g/dL (the linear relation of the design reference)."""
     return 3.0 * np.asarray(hb_g_dl, dtype=float) + 3.0
-
-
-def ellipsoid_volume(a, b, c):
-    """Volume of an ellipsoid with semi-axes a, b, c (same unit, cubed)."""
-    return 4.0 / 3.0 * np.pi * a * b * c

@@ -289,7 +289,6 @@ def sample_patient(seed: int, index: int) -> Patient:
     lavi_m = lavi * (1.0 + n(0.0, 0.12))
     vel = lambda v: v * (1.0 + n(0.0, e["velocity_rel"]))  # noqa: E731 - relative velocity error
     trv_m = vel(trv_true)
-    pasp_m = float(formulas.pasp_from_trv(trv_m, rap))
     av_vmax_true = 1.15 + n(0.0, 0.12) + 0.5 * (age > 70) * u() + 3.9 * as_sev**1.1 if as_present else 1.15 + n(0.0, 0.15)
     av_vmax_m = vel(max(av_vmax_true, 0.6))
     e_vel = float(np.clip(72.0 - 2.5 * age_c + n(0.0, 12.0) + 22.0 * filling + 12.0 * mr_sev, 25.0, 220.0))
