@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--only", help="comma-separated notebook numbers or names to run (default: all)")
     r.add_argument("--notebooks", help="folder of numbered notebooks (default: the repository's notebooks/)")
+    r.add_argument("--cell-timeout", type=int, default=-1,
+                   help="seconds one notebook cell may run (0: no limit; default: the profile's — none for cpu/paper)")
     return parser
 
 
@@ -273,7 +275,9 @@ def _cmd_reproduce(args) -> int:
     from xcardia.reproduce import reproduce
 
     only = args.only.split(",") if args.only else None
-    reproduce(profile=args.profile, out=args.out, data=args.data, seed=args.seed, only=only, notebooks=args.notebooks)
+    timeout = None if args.cell_timeout == 0 else args.cell_timeout
+    reproduce(profile=args.profile, out=args.out, data=args.data, seed=args.seed, only=only, notebooks=args.notebooks,
+              cell_timeout_s=timeout)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Embeddings of patients under a pretrained model, and analyses built on them (NW query comparison).
 
-:func:`embed_run` loads a pretraining run (its selected encoder and, for the full model, its last checkpoint),
+:func:`embed_run` loads one epoch of a pretraining run whole (``selected.pt``: the epoch the paper's rule chose),
 embeds the patients of chosen splits and caches the result in ``<run>/embeddings/`` keyed by the manifest and
 the patients, so notebooks 02 and 03 compute each embedding once.
 """
@@ -22,36 +22,60 @@ from xcardia.data.imaging import PreprocessCache, PreprocessSpec
 from xcardia.errors import XcardiaError
 from xcardia.losses import nw_predict
 from xcardia.models.tabular_encoder import TabularPreprocessor
-from xcardia.models.weights import load_encoder_state
 from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
-from xcardia.support_bank import kmeans_exemplars
+from xcardia.support_bank import SupportBank, kmeans_exemplars
 
 
-def load_run_model(run_dir: str | os.PathLike) -> tuple[XCardiaModel, TabularPreprocessor, dict]:
-    """The full pretraining model of a run, with its *selected* image encoder (``encoder.pt``) and the last
-    checkpoint's tabular tower, plus the run configuration."""
+def run_state_file(run_dir: str | os.PathLike, which: str = "selected") -> Path:
+    """The file holding a run's whole model at one epoch: ``selected`` (the epoch the paper's rule chose:
+    ``selected.pt``) or ``last`` (``checkpoint.pt``)."""
     run = Path(run_dir)
-    if not (run / "checkpoint.pt").exists():
-        raise XcardiaError(f"{run} holds no pretraining checkpoint")
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if which not in ("selected", "last"):
+        raise XcardiaError(f"which must be 'selected' or 'last', got {which!r}")
+    path = run / ("selected.pt" if which == "selected" else "checkpoint.pt")
+    if not path.exists():
+        raise XcardiaError(f"{run} holds no {path.name}; pretrain it (again) with this version of xcardia")
+    return path
+
+
+def load_run_state(run_dir: str | os.PathLike, which: str = "selected") -> dict:
+    """The saved state of one epoch of a run: ``model``, ``tabular``, ``bank``, ``config``, ``epoch``."""
+    return torch.load(run_state_file(run_dir, which), map_location="cpu", weights_only=True)
+
+
+def load_run_model(run_dir: str | os.PathLike, which: str = "selected") -> tuple[XCardiaModel, TabularPreprocessor, dict]:
+    """The full pretraining model of one epoch of a run — image encoder, tabular tower, projections and
+    temperatures all from that epoch (never an encoder of one epoch beside a tabular tower of another) — with its
+    tabular preprocessing and the run configuration."""
+    state = load_run_state(run_dir, which)
     config = state["config"]
     pre = TabularPreprocessor.from_state_dict(state["tabular"])
     model = XCardiaModel(ModelSpec.from_dict(config["model"]), len(pre.columns))
     model.load_state_dict(state["model"])
-    encoder = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
-    load_encoder_state(model.image_encoder, encoder["state_dict"], source=str(run / "encoder.pt"))
     return model.eval(), pre, config
 
 
-def _key(manifest: pd.DataFrame, rows: np.ndarray, run: Path) -> str:
-    blob = json.dumps({"manifest": manifest.attrs.get("path"), "rows": rows.tolist(),
-                       "encoder_mtime": (run / "encoder.pt").stat().st_mtime_ns})
+def run_bank(run_dir: str | os.PathLike, which: str = "selected") -> SupportBank | None:
+    """The support bank the run's NW head used at that epoch's validation (unfilled queue slots dropped)."""
+    state = load_run_state(run_dir, which)
+    bank = state.get("bank")
+    if which == "last" and bank is None:
+        bank = state.get("queue")
+    if bank is None:
+        return None
+    keep = bank["indices"] >= 0
+    return SupportBank(bank["embeddings"][keep], bank["targets"][keep], bank["indices"][keep])
+
+
+def _key(manifest: pd.DataFrame, rows: np.ndarray, run: Path, which: str) -> str:
+    blob = json.dumps({"manifest": manifest.attrs.get("path"), "rows": rows.tolist(), "which": which,
+                       "state_mtime": run_state_file(run, which).stat().st_mtime_ns})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
 def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train",), cache_dir=None,
-              batch_size: int = 64) -> dict[str, np.ndarray]:
+              batch_size: int = 64, which: str = "selected") -> dict[str, np.ndarray]:
     """Embeddings of the patients of ``splits``.
 
     Returns:
@@ -60,10 +84,10 @@ def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train
     """
     run = Path(run_dir)
     rows = np.flatnonzero(manifest["split"].astype(str).isin(splits).to_numpy())
-    cache_file = run / "embeddings" / f"{'-'.join(splits)}_{_key(manifest, rows, run)}.npz"
+    cache_file = run / "embeddings" / f"{'-'.join(splits)}_{_key(manifest, rows, run, which)}.npz"
     if cache_file.exists():
         return dict(np.load(cache_file))
-    model, pre, config = load_run_model(run)
+    model, pre, config = load_run_model(run, which)
     preprocess = PreprocessSpec(**{**config["preprocess"], "shape": tuple(config["preprocess"]["shape"]),
                                    "hu_window": tuple(config["preprocess"]["hu_window"])})
     cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
@@ -117,12 +141,11 @@ def nw_query_comparison(run_dir, manifest: pd.DataFrame, cache_dir=None, k_per_c
     return pd.DataFrame(rows)
 
 
-def bank_exemplars(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """The support bank a run ended with: manifest row of each exemplar and its concept targets."""
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    bank = state["bank"] if state.get("bank") else state.get("queue")
+def bank_exemplars(run_dir: str | os.PathLike, which: str = "selected") -> pd.DataFrame:
+    """The support bank of the selected (or last) epoch: manifest row of each exemplar and its concept targets."""
+    bank = run_bank(run_dir, which)
     if bank is None:
         return pd.DataFrame(columns=["row", *CONCEPT_NAMES])
-    frame = pd.DataFrame(bank["targets"].numpy(), columns=list(CONCEPT_NAMES))
-    frame.insert(0, "row", bank["indices"].numpy())
-    return frame[frame["row"] >= 0].reset_index(drop=True)
+    frame = pd.DataFrame(bank.targets.numpy(), columns=list(CONCEPT_NAMES))
+    frame.insert(0, "row", bank.indices.numpy())
+    return frame.reset_index(drop=True)

@@ -113,9 +113,13 @@ class EncodedInit:
 
 
 def build_init(source: str, image_spec: ImageEncoderSpec, preprocess: PreprocessSpec, seed: int) -> ImageEncoder:
-    """``scratch`` (random weights, seeded) or a pretrained encoder, checked against this preprocessing."""
-    if source == "scratch":
-        torch.manual_seed(seed)
+    """``scratch`` or ``scratch:K`` (random weights, seeded with ``seed + K``) or a pretrained encoder (run folder,
+    encoder file), checked against this preprocessing."""
+    if source == "scratch" or source.startswith("scratch:"):
+        offset = source.partition(":")[2]
+        if offset and not offset.isdigit():
+            raise XcardiaError(f"--init {source!r}: write scratch or scratch:K with an integer seed offset K")
+        torch.manual_seed(seed + int(offset or 0))
         return ImageEncoder(image_spec)
     encoder, meta = load_encoder(source)
     trained_on = meta.get("preprocess")
@@ -335,7 +339,10 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
                 for t in range(len(LABELS)):
                     records.append(_record(protocol, name, "fraction", fraction, seed, t, y_test, p[:, t], *counts[t]))
         log(f"[finetune] {name}: {len(jobs)} fraction runs done")
-    if "scratch" in exp.inits:
+    from xcardia.reporting import group_of
+
+    scratch_names = [n for n in exp.inits if group_of(n) == "scratch"]
+    if scratch_names:  # the paper's scratch policy, once (it retrains the whole network: the costliest protocol)
         for fraction in spec.scratch_all_fractions:
             for seed in spec.scratch_all_seeds:
                 subset = fraction_subset(train, fraction, seed)
@@ -343,10 +350,10 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
                 ds_train._images = {i: exp.datasets["train"].image(int(np.searchsorted(train, r))) for i, r in enumerate(subset)}
                 p = train_scratch_all(exp.manifest, ds_train, exp.datasets["val"], exp.datasets["test"], exp.image_spec,
                                       exp.labels, spec, seed)
-                predictions[("scratch_all", "scratch", fraction, seed)] = p
+                predictions[("scratch_all", scratch_names[0], fraction, seed)] = p
                 for t in range(len(LABELS)):
                     counts = (int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum()))
-                    records.append(_record("scratch_all", "scratch", "fraction", fraction, seed, t, y_test, p[:, t], *counts))
+                    records.append(_record("scratch_all", scratch_names[0], "fraction", fraction, seed, t, y_test, p[:, t], *counts))
         log("[finetune] scratch with every layer trainable: done")
     return pd.DataFrame(records), predictions
 
@@ -425,14 +432,16 @@ def load_predictions(path: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ runs with files
-def _fingerprint(profile, manifest_path, inits: dict, spec: FinetuneSpec, seed: int, part: str) -> dict:
+def _fingerprint(profile, manifest, inits: dict, spec: FinetuneSpec, seed: int, part: str) -> dict:
+    from xcardia.run_folder import cohort_fingerprint
+
     sources = {}
     for name, source in inits.items():
         p = Path(str(source))
         encoder = p / "encoder.pt" if p.is_dir() else p
         sources[name] = {"source": str(source), "mtime": encoder.stat().st_mtime_ns if encoder.exists() else None}
-    return {"part": part, "profile": profile.name, "manifest": str(Path(manifest_path).resolve()), "inits": sources,
-            "spec": asdict(spec), "seed": seed}
+    return {"part": part, "profile": profile.name, "manifest": str(Path(manifest.attrs["path"]).resolve()),
+            "cohort": cohort_fingerprint(manifest), "inits": sources, "spec": asdict(spec), "seed": seed}
 
 
 def _reusable(folder: Path, fingerprint: dict, files) -> bool:
@@ -456,12 +465,24 @@ def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir
     out = Path(out_dir)
     prefix = "" if part == "finetune" else "kshot_"
     files = {k: out / f"{prefix}{k}" for k in ("records.csv", "predictions.npz", "subsets.json")}
+    from xcardia.run_folder import RunLock, describe_cohort_change
+
     manifest = load_manifest(manifest_path)
-    fingerprint = _fingerprint(profile, manifest_path, inits, spec, seed, part)
-    if _reusable(out, fingerprint, [*files.values(), out / "test_labels.npy"]):
-        log(f"[{part}] reusing the results in {out}")
-        return (pd.read_csv(files["records.csv"]), load_predictions(files["predictions.npz"]),
-                np.load(out / "test_labels.npy"))
+    fingerprint = _fingerprint(profile, manifest, inits, spec, seed, part)
+    with RunLock(out, f"{part} evaluation"):
+        if _reusable(out, fingerprint, [*files.values(), out / "test_labels.npy"]):
+            log(f"[{part}] reusing the results in {out}")
+            return (pd.read_csv(files["records.csv"]), load_predictions(files["predictions.npz"]),
+                    np.load(out / "test_labels.npy"))
+        previous = out / "config.json"
+        if previous.exists():
+            changed = describe_cohort_change(json.loads(previous.read_text()).get("cohort"), fingerprint["cohort"])
+            if changed:
+                log(f"[{part}] the cohort changed since the results in {out} ({changed}): recomputing them")
+        return _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache_dir, spec, seed, progress, log)
+
+
+def _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache_dir, spec, seed, progress, log):
     exp = prepare_experiment(profile, manifest, inits, cache_dir or out.parent / "cache", spec, seed, log)
     if part == "finetune":
         records, predictions = run_fraction_sweep(exp, log, progress)
@@ -497,6 +518,38 @@ def fewshot_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=N
     return _run_part("fewshot", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log)
 
 
-def profile_inits(profile, runs_dir) -> dict[str, str]:
-    """``scratch`` and every pretraining run of the profile, by name."""
-    return {"scratch": "scratch", **{name: str(Path(runs_dir) / name) for name in profile.pretrain_runs}}
+#: Suffix of an init that uses a run's last-epoch encoder instead of the one the paper's rule selected.
+LAST_SUFFIX = "@last"
+
+
+def profile_inits(profile, runs_dir, last_epoch: bool = True) -> dict[str, str]:
+    """Every init the profile compares, by name: ``scratch_sK`` (one per ``init_seeds``), each pretraining run's
+    selected encoder (``name``) and, for replicated runs (several seeds) and when ``last_epoch``, its last-epoch
+    encoder (``name@last``) — so every comparison is reported for both selections (issue 11.4)."""
+    from xcardia.reporting import group_of
+
+    runs = Path(runs_dir)
+    inits = {f"scratch_s{k}": f"scratch:{k}" for k in profile.init_seeds}
+    groups: dict[str, int] = {}
+    for name in profile.pretrain_runs:
+        groups[group_of(name)] = groups.get(group_of(name), 0) + 1
+    for name in profile.pretrain_runs:
+        inits[name] = str(runs / name)
+    if last_epoch:
+        for name in profile.pretrain_runs:
+            if groups[group_of(name)] > 1:
+                inits[name + LAST_SUFFIX] = str(runs / name / "encoder_last.pt")
+    return inits
+
+
+def representative_inits(inits: dict[str, str]) -> dict[str, str]:
+    """One init per method for the single-seed analyses (notebook 03): the first seed of every group, selected
+    encoders only, named by their method (``scratch``, ``clip``, ``xcardia_paper``, …)."""
+    from xcardia.reporting import group_of
+
+    out: dict[str, str] = {}
+    for name, source in inits.items():
+        if name.endswith(LAST_SUFFIX):
+            continue
+        out.setdefault(group_of(name), source)
+    return out

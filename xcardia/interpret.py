@@ -245,44 +245,38 @@ def traversal_positions(values: np.ndarray, n: int = 6) -> np.ndarray:
 
 def nw_explanations(run_dir, manifest: pd.DataFrame, n_queries: int = 3, top: int = 3, cache_dir=None,
                     seed: int = 0) -> list[dict]:
-    """For test patients chosen at random (seeded): the run's NW prediction from its final bank, and the supports
+    """For test patients chosen at random (seeded): the run's NW prediction from its selected epoch's bank, and the supports
     with the largest weights (manifest rows, weights, concept targets)."""
-    from xcardia.embeddings import bank_exemplars, embed_run, load_run_model
+    from xcardia.embeddings import embed_run, load_run_model, run_bank
     from xcardia.models.xcardia_model import XCardiaModel
-    from pathlib import Path
 
     model, _, config = load_run_model(run_dir)
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    bank = state["bank"] or state["queue"]
+    bank = run_bank(run_dir)  # the selected epoch's bank, unfilled queue slots dropped
     test = embed_run(run_dir, manifest, ("test",), cache_dir)
     query = XCardiaModel.nw_query(torch.as_tensor(test["image"]), torch.as_tensor(test["tabular"]),
                                   config["pretrain"]["nw_query"])
     tau = model.nw_temperature().item()
-    pred, weights = nw_predict(query, bank["embeddings"], bank["targets"], tau)
+    pred, weights = nw_predict(query, bank.embeddings, bank.targets, tau)
     chosen = np.random.default_rng(seed).choice(len(query), size=min(n_queries, len(query)), replace=False)
-    exemplars = bank_exemplars(run_dir)
     out = []
     for q in chosen:
         order = torch.argsort(weights[q], descending=True)[:top].numpy()
         out.append({"row": int(test["rows"][q]), "prediction": pred[q].numpy(), "truth": test["concepts"][q],
-                    "supports": [{"row": int(bank["indices"][j]), "weight": float(weights[q, j]),
-                                  "concepts": bank["targets"][j].numpy()} for j in order],
-                    "tau": tau, "bank_rows": exemplars["row"].tolist()})
+                    "supports": [{"row": int(bank.indices[j]), "weight": float(weights[q, j]),
+                                  "concepts": bank.targets[j].numpy()} for j in order],
+                    "tau": tau, "bank_rows": bank.indices.tolist()})
     return out
 
 
 def calibration_study(run_dir, manifest: pd.DataFrame, cache_dir=None,
                       temperatures=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)) -> dict:
-    """NW calibration of a run's final bank at the paper's τ = 1, the run's own τ, and a τ tuned on validation
+    """NW calibration of a run's selected epoch (model and bank of that epoch) at the paper's τ = 1, the run's own τ, and a τ tuned on validation
     patients (lowest BCE); ECE and effective supports over a τ grid, on validation and test patients."""
-    from pathlib import Path
-
-    from xcardia.embeddings import embed_run, load_run_model
+    from xcardia.embeddings import embed_run, load_run_model, run_bank
     from xcardia.models.xcardia_model import XCardiaModel
 
     model, _, config = load_run_model(run_dir)
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    bank = state["bank"] or state["queue"]
+    bank = run_bank(run_dir)
     mode = config["pretrain"]["nw_query"]
     queries, targets = {}, {}
     for split in ("val", "test"):
@@ -291,12 +285,12 @@ def calibration_study(run_dir, manifest: pd.DataFrame, cache_dir=None,
         targets[split] = e["concepts"]
     learned = model.nw_temperature().item()
     grid = sorted(set(float(t) for t in temperatures) | {learned})
-    sweep = nw_temperature_sweep(bank["embeddings"].numpy(), bank["targets"].numpy(), queries, targets, grid)
+    sweep = nw_temperature_sweep(bank.embeddings.numpy(), bank.targets.numpy(), queries, targets, grid)
     val = sweep[sweep["split"] == "val"]
     tuned = float(val.loc[val["bce"].idxmin(), "tau"])
     curves = {}
     for name, tau in (("paper τ = 1", 1.0), (f"run τ = {learned:.3g}", learned), (f"tuned τ = {tuned:.3g}", tuned)):
-        pred, _ = nw_predict(torch.as_tensor(queries["test"]), bank["embeddings"], bank["targets"], tau)
+        pred, _ = nw_predict(torch.as_tensor(queries["test"]), bank.embeddings, bank.targets, tau)
         curves[name] = reliability_curve(targets["test"], pred.numpy())
     return {"sweep": sweep, "learned_tau": learned, "tuned_tau": tuned, "curves": curves}
 

@@ -127,8 +127,11 @@ def nw_predict(
     weights = torch.softmax(logits, dim=1)
     numerator = weights @ targets  # (B, C)
     denominator = weights @ mask
-    prediction = numerator / denominator
-    prediction = torch.where(denominator > 0, prediction, torch.full_like(prediction, float("nan")))
+    # The division happens only where a support entry is observed: 0/0 formed first and masked by torch.where
+    # afterwards would still send a NaN gradient backwards (issue 11.6).
+    observed = denominator > 0
+    prediction = numerator / torch.where(observed, denominator, torch.ones_like(denominator))
+    prediction = torch.where(observed, prediction, torch.full_like(prediction, float("nan")))
     return prediction, weights
 
 

@@ -52,6 +52,7 @@ from xcardia.models.tabular_encoder import DEFAULT_TABULAR_COLUMNS, TabularPrepr
 from xcardia.models.weights import save_encoder
 from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
 from xcardia.results import to_jsonable
+from xcardia.run_folder import RunLock, cohort_fingerprint, describe_cohort_change
 from xcardia.support_bank import QueueBank, SupportBank, build_kmeans_bank
 
 METHODS = ("clip", "xcardia", "nw_only")
@@ -244,14 +245,27 @@ def concept_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
     return out
 
 
-def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
+def _prepare_run_dir(out: Path, config: dict, resume: bool, fingerprint: dict | None = None) -> dict | None:
     """Checks on the run folder; returns the checkpoint to resume from (or None), raises on conflicts."""
     checkpoint = out / "checkpoint.pt"
     run_json = out / "run.json"
     if resume:
         if not checkpoint.exists():
             raise XcardiaError(f"--resume: {checkpoint} does not exist; start without --resume")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say so, never a traceback
+            raise XcardiaError(f"--resume: {checkpoint} is not a readable checkpoint ({type(exc).__name__}); "
+                               f"delete the run folder and start again") from None
+        if not isinstance(state, dict) or "config" not in state:
+            raise XcardiaError(f"--resume: {checkpoint} is not an xcardia checkpoint; use another --out")
+        changed = describe_cohort_change(state.get("cohort"), fingerprint) if fingerprint else None
+        if changed:
+            raise XcardiaError(f"--resume: the cohort changed since {checkpoint} was written ({changed}); "
+                               f"start a new run in another --out")
+        if int(state["epoch"]) >= int(config["pretrain"]["epochs"]):
+            raise XcardiaError(f"--resume: {out} already finished {state['epoch']} of {config['pretrain']['epochs']} "
+                               f"epochs; pass a larger --epochs to continue it")
         diff = _config_differences(_comparable(state["config"]), _comparable(config))
         if diff:
             raise XcardiaError(f"--resume: {checkpoint} was written with a different configuration "
@@ -262,13 +276,22 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
     return None
 
 
-def finished_run(out: str | os.PathLike, config: dict) -> bool:
-    """True when ``out`` holds a complete run of exactly this configuration (notebooks reuse it)."""
+def finished_run(out: str | os.PathLike, config: dict, fingerprint: dict | None = None) -> bool:
+    """True when ``out`` holds a complete run of exactly this configuration (notebooks reuse it).
+
+    Raises:
+        XcardiaError: the run is complete but the cohort changed since (reusing it would be silently wrong).
+    """
     run_json = Path(out) / "run.json"
     if not run_json.exists():
         return False
     info = json.loads(run_json.read_text())
-    return info.get("status") == "complete" and info.get("config") == json.loads(json.dumps(config))
+    same = info.get("status") == "complete" and info.get("config") == json.loads(json.dumps(config))
+    changed = describe_cohort_change(info.get("cohort"), fingerprint) if (same and fingerprint) else None
+    if changed:
+        raise XcardiaError(f"{out} holds a finished run on a different version of this cohort ({changed}); "
+                           f"delete that folder or choose another output folder")
+    return same
 
 
 def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model_spec: ModelSpec, spec: PretrainSpec,
@@ -294,10 +317,22 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
     """
     out = Path(out_dir)
     device = init_from_environment()
+    lock = RunLock(out, "pretraining run").acquire() if is_main_process() else None
+    try:
+        return _pretrain(out, device, manifest_path, model_spec, spec, preprocess, cache_dir, resume, tabular_columns,
+                         progress, on_step, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(out: Path, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
+              cache_dir, resume: bool, tabular_columns, progress: bool, on_step, log) -> Path:
     model_spec = effective_model_spec(model_spec, spec)
     manifest_file = load_manifest(manifest_path)
     config = run_config(model_spec, spec, preprocess, manifest_file.attrs["path"], tabular_columns)
-    resumed = _prepare_run_dir(out, config, resume)
+    fingerprint = cohort_fingerprint(manifest_file)
+    resumed = _prepare_run_dir(out, config, resume, fingerprint)
     barrier()
     out.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
@@ -378,7 +413,7 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
         bank = rebuild_kmeans_bank()  # the paper builds its bank before the first epoch
     from tqdm.auto import tqdm
 
-    started = time.perf_counter()
+    started = time.perf_counter() - (float(resumed.get("wall_time_s", 0.0)) if resumed else 0.0)
     for epoch in range(start_epoch, spec.epochs):
         model.train()
         sampler.set_epoch(epoch)
@@ -458,6 +493,15 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
                                             model.clip_temperature())) for i in range(0, n, spec.batch_size)]
             row.update({f"val_{k}": v for k, v in concept_metrics(pred.cpu().numpy(), c_all.cpu().numpy()).items()})
             row["val_clip"] = float(np.mean(val_clip)) if val_clip else math.nan
+            # the same support patients represented by their CT alone: does the encoder carry the NW score?
+            image_support = _image_embeddings_of(model, plain_ds, train_rows, support_bank, device, autocast)
+            if image_support is not None:
+                with torch.no_grad():
+                    pred_img, _ = nw_predict(torch.nn.functional.normalize(img_all, dim=-1), image_support[0],
+                                             image_support[1], model.nw_temperature(), spec.nw_kernel)
+                image_metrics = concept_metrics(pred_img.cpu().numpy(), c_all.cpu().numpy())
+                row["val_image_query_concept_auroc"] = image_metrics["concept_auroc"]
+                row["val_image_query_concept_map"] = image_metrics["concept_map"]
         row["bank_size"] = len(queue.bank()) if queue is not None else len(bank) if bank is not None else 0
         row["epoch_seconds"] = time.perf_counter() - t_epoch
         row["data_wait_share"] = wait / max(row["epoch_seconds"], 1e-9)
@@ -474,24 +518,60 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
                     "val_concept_map": row.get("val_concept_map"), "selection": "best validation concept mAP",
                     "model": model_spec.to_dict(), "preprocess": preprocess.key(), "xcardia_version": __version__,
                     "run": str(out.resolve())}
-            if improved:
+            if improved:  # the whole selection, so every later analysis uses one epoch (issue 11.5)
                 save_encoder(out / "encoder.pt", model.image_encoder, meta)
+                selected = {"model": model.state_dict(), "tabular": pre.state_dict(), "epoch": epoch + 1,
+                            "bank": support_bank_state(bank, queue), "config": config, "metrics": history[-1],
+                            "xcardia_version": __version__}
+                _write_atomic(out / SELECTED_FILE, lambda p: torch.save(selected, p))
+            save_encoder(out / "encoder_last.pt", model.image_encoder, {**meta, "selection": "last epoch"})
             _write_logs(out, history)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step_count,
                      "rng": _rng_state(), "bank": bank.state_dict() if bank is not None else None,
                      "queue": queue.state_dict() if queue is not None else None, "tabular": pre.state_dict(),
-                     "history": history, "best": best, "config": config, "xcardia_version": __version__}
+                     "history": history, "best": best, "config": config, "cohort": fingerprint,
+                     "wall_time_s": time.perf_counter() - started, "xcardia_version": __version__}
             _write_atomic(out / "checkpoint.pt", lambda p: torch.save(state, p))
-            _write_run_json(out, config, "running", best, history, time.perf_counter() - started)
+            _write_run_json(out, config, "running", best, history, time.perf_counter() - started, fingerprint)
         barrier()
 
     if main:
-        _write_run_json(out, config, "complete", best, history, time.perf_counter() - started)
+        _write_run_json(out, config, "complete", best, history, time.perf_counter() - started, fingerprint)
         say(f"[pretrain] {spec.method}: best epoch {best['epoch']} (val concept mAP {best['concept_map']:.3f}); "
             f"encoder: {out / 'encoder.pt'}")
     barrier()
     return out
+
+
+SELECTED_FILE = "selected.pt"
+
+
+def support_bank_state(bank: SupportBank | None, queue: QueueBank | None) -> dict | None:
+    """The support the NW head used at validation time (a queue's filled part only)."""
+    if queue is not None:
+        return queue.bank().state_dict()
+    return bank.state_dict() if bank is not None else None
+
+
+@torch.no_grad()
+def _image_embeddings_of(model: XCardiaModel, dataset: CohortDataset, train_rows: np.ndarray, bank,
+                         device, autocast, limit: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Normalised image embeddings and targets of the bank's patients (at most ``limit``, most recent), for the
+    image-only query diagnostic; None without a bank."""
+    if bank is None or len(bank) == 0:
+        return None
+    rows = bank.indices.cpu().numpy()[-limit:]
+    targets = bank.targets[-limit:]
+    keep = rows >= 0
+    positions = np.searchsorted(train_rows, rows[keep])
+    was_training = model.training
+    model.eval()
+    images = torch.stack([dataset[int(i)]["image"] for i in positions]).to(device)
+    with autocast():
+        e_img = model.embed_image(images).float()
+    model.train(was_training)
+    return torch.nn.functional.normalize(e_img, dim=-1), targets[torch.as_tensor(keep, device=targets.device)]
 
 
 def _write_logs(out: Path, history: list[dict]) -> None:
@@ -507,8 +587,10 @@ def _write_logs(out: Path, history: list[dict]) -> None:
     _write_atomic(out / "log.json", lambda p: p.write_text(json.dumps(history, indent=1) + "\n"))
 
 
-def _write_run_json(out: Path, config: dict, status: str, best: dict, history: list, seconds: float) -> None:
-    payload = {"status": status, "config": config, "selection": {"criterion": "best validation concept mAP",
+def _write_run_json(out: Path, config: dict, status: str, best: dict, history: list, seconds: float,
+                    fingerprint: dict | None = None) -> None:
+    payload = {"status": status, "config": config, "cohort": fingerprint,
+               "selection": {"criterion": "best validation concept mAP",
                "epoch": best["epoch"], "val_concept_map": best["concept_map"]},
                "epochs_done": len(history), "wall_time_s": round(seconds, 1), "xcardia_version": __version__}
     _write_atomic(out / "run.json", lambda p: p.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n"))
@@ -528,7 +610,9 @@ def profile_run_specs(profile, name: str, **overrides) -> tuple[ModelSpec, Pretr
         raise XcardiaError(f"profile {profile.name!r} has no pretraining run {name!r}; "
                            f"choose one of {', '.join(profile.pretrain_runs)}")
     settings = {**profile.pretrain_runs.get(name, {"method": name}), **{k: v for k, v in overrides.items() if v is not None}}
+    offset = settings.pop("seed_offset", 0)
     spec = replace(profile.pretrain, **settings)
+    spec = replace(spec, seed=spec.seed + offset)
     return apply_variant(profile.model, spec)
 
 
@@ -538,9 +622,10 @@ def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, 
     same finished run (how notebooks avoid retraining)."""
     model_spec, spec = profile_run_specs(profile, name, **overrides)
     out = Path(runs_dir) / name
-    config = run_config(effective_model_spec(model_spec, spec), spec, profile.preprocess,
-                        load_manifest(data).attrs["path"], DEFAULT_TABULAR_COLUMNS)
-    if finished_run(out, config):
+    manifest = load_manifest(data)
+    config = run_config(effective_model_spec(model_spec, spec), spec, profile.preprocess, manifest.attrs["path"],
+                        DEFAULT_TABULAR_COLUMNS)
+    if finished_run(out, config, cohort_fingerprint(manifest)):
         log(f"[pretrain] reusing the finished run {out}")
         return out
     if (out / "run.json").exists():
@@ -552,3 +637,27 @@ def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, 
     resume = (out / "checkpoint.pt").exists()
     return pretrain(data, out, model_spec, spec, profile.preprocess, cache_dir=cache_dir, resume=resume,
                     progress=progress, log=log)
+
+
+def pretraining_selection_table(runs: dict) -> "pd.DataFrame":
+    """Per run: the epoch the paper's rule selected (as ``run.json`` records it — never recomputed), its fused and
+    image-only validation concept AUROC, the same at the last epoch, and the final NW τ."""
+    import pandas as pd
+
+    rows = {}
+    for name, run in runs.items():
+        info = json.loads((Path(run) / "run.json").read_text())
+        log = read_log(run)
+        best = info["selection"]["epoch"]
+        at_best = log[log["epoch"] == best].iloc[0] if best is not None else log.iloc[-1]
+        last = log.iloc[-1]
+        get = lambda row, key: float(row[key]) if key in row and pd.notna(row[key]) else math.nan  # noqa: E731
+        rows[name] = {"seed": int(info["config"]["pretrain"]["seed"]), "best_epoch": int(best) if best else None,
+                      "epochs": int(last["epoch"]),
+                      "val_concept_map": get(at_best, "val_concept_map"),
+                      "val_concept_auroc_at_best": get(at_best, "val_concept_auroc"),
+                      "val_image_query_auroc_at_best": get(at_best, "val_image_query_concept_auroc"),
+                      "val_concept_auroc_last": get(last, "val_concept_auroc"),
+                      "val_image_query_auroc_last": get(last, "val_image_query_concept_auroc"),
+                      "final_nw_tau": get(last, "nw_temperature")}
+    return pd.DataFrame(rows).T.astype({"seed": int, "epochs": int})

@@ -10,6 +10,7 @@ subsets (k-shot seeds).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from xcardia.metrics import (
     mean_ci,
     paired_bootstrap_difference,
     paired_bootstrap_macro_difference,
+    seed_aware_interval,
 )
 
 #: The paper's abstract claims that the companion measures (as quoted in the project's evaluation issue).
@@ -30,6 +32,93 @@ PAPER_CLAIMS = {
                             "value": 0.098},
 }
 COMPARISONS = (("xcardia", "clip"), ("xcardia", "scratch"))
+
+#: The headline comparisons of the replicated study (issue 11): both X-Cardia variants against CLIP-only and
+#: against no pretraining, each over pretraining seeds paired by seed offset.
+GROUP_COMPARISONS = (("xcardia_paper", "clip"), ("xcardia_paper", "scratch"),
+                     ("xcardia_fixed", "clip"), ("xcardia_fixed", "scratch"))
+SELECTIONS = {"selected": "", "last": "@last"}
+_SEED_SUFFIX = re.compile(r"_s(\d+)(?=$|@)")
+
+
+def group_of(init: str) -> str:
+    """The method an init belongs to, without its seed: ``xcardia_paper_s2@last`` → ``xcardia_paper@last``."""
+    return _SEED_SUFFIX.sub("", init)
+
+
+def seed_of(init: str) -> int:
+    match = _SEED_SUFFIX.search(init)
+    return int(match.group(1)) if match else 0
+
+
+def seed_groups(inits) -> dict[str, list[str]]:
+    """``{group: [init names ordered by seed]}`` (pairing between groups is by position = seed offset)."""
+    groups: dict[str, list[str]] = {}
+    for name in inits:
+        groups.setdefault(group_of(name), []).append(name)
+    return {g: sorted(names, key=seed_of) for g, names in groups.items()}
+
+
+def comparison_pairs(selection: str, groups: dict) -> list[tuple[str, str]]:
+    """The headline comparisons for one selection (the encoder the paper's rule chose, or the last epoch).
+    ``scratch`` has no epochs, so it is the same baseline for both."""
+    suffix = SELECTIONS[selection]
+    pairs = []
+    for a, b in GROUP_COMPARISONS:
+        ga, gb = a + suffix, (b + suffix if b != "scratch" else b)
+        if ga in groups and gb in groups:
+            pairs.append((ga, gb))
+    return pairs
+
+
+def _full_runs(predictions: dict, protocol: str, init: str) -> np.ndarray | None:
+    return _runs(predictions, protocol, init)
+
+
+def _kshot_runs(predictions: dict, protocol: str, init: str, k: int, n_test: int) -> np.ndarray | None:
+    """(R, n, T) test scores of one init at k: one run per k-shot seed, NaN for a task that was skipped."""
+    keys = [key for key in predictions if key[0] == protocol and key[1] == init and int(key[2]) == int(k)]
+    if not keys:
+        return None
+    seeds = sorted({int(key[3]) for key in keys})
+    out = np.full((len(seeds), n_test, len(LABELS)), np.nan)
+    for (_p, _i, _k, s, t) in keys:
+        out[seeds.index(int(s)), :, int(t)] = predictions[(_p, _i, _k, s, t)]
+    return out
+
+
+def seed_aware_tables(y_test: np.ndarray, get_runs, inits, n_boot: int = 1000, seed: int = 0,
+                      per_task: bool = False) -> dict:
+    """Per method (seed group): macro AUROC over pretraining seeds; per headline comparison and selection: the
+    paired difference — both with :func:`xcardia.metrics.seed_aware_interval`. ``get_runs(init)`` returns that
+    init's (R, n, T) test scores. ``per_task`` adds the per-task paired differences of the selected encoders (for
+    the "up to 8 %" claim)."""
+    groups = seed_groups(inits)
+    runs = {name: get_runs(name) for name in inits}
+    methods, paired = [], []
+    for group, names in groups.items():
+        arms = [runs[n] for n in names if runs[n] is not None]
+        if not arms:
+            continue
+        r = seed_aware_interval(y_test, arms, n_boot=n_boot, seed=seed)
+        methods.append({"method": group, "auroc": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                        "n_seeds": r["n_seeds"], "n_tasks": r["n_tasks"], "per_seed": r["per_seed"]})
+    for selection in SELECTIONS:
+        for a, b in comparison_pairs(selection, groups):
+            n = min(len(groups[a]), len(groups[b]))
+            arm_a, arm_b = [runs[x] for x in groups[a][:n]], [runs[x] for x in groups[b][:n]]
+            if any(x is None for x in arm_a + arm_b):
+                continue
+            tasks = [("macro", slice(None))] + ([(t, [i]) for i, t in enumerate(LABELS)]
+                                                if per_task and selection == "selected" else [])
+            for task, cols in tasks:
+                r = seed_aware_interval(y_test[:, cols], [x[..., cols] for x in arm_a], [x[..., cols] for x in arm_b],
+                                        n_boot=n_boot, seed=seed)
+                paired.append({"selection": selection, "comparison": f"{group_of(a).split('@')[0]} − {b.split('@')[0]}",
+                               "task": task, "difference": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                               "n_seeds": r["n_seeds"], "n_tasks": r["n_tasks"], "per_seed": r["per_seed"],
+                               "se_seed": r["se_seed"], "se_patient": r["se_patient"]})
+    return {"methods": table_records(pd.DataFrame(methods)), "paired": table_records(pd.DataFrame(paired))}
 
 
 def _runs(predictions: dict, protocol: str, init: str, fraction: float = 1.0) -> np.ndarray | None:
@@ -197,21 +286,105 @@ def finetune_section(records: pd.DataFrame, predictions: dict, y_test: np.ndarra
         if protocol != "scratch_all":
             section["paired"][protocol] = table_records(paired_table(y_test, predictions, protocol, n_boot=n_boot, seed=seed))
     section["fraction_sweep"] = table_records(curve_table(records, "fraction"))
+    section["seed_aware"] = {
+        protocol: seed_aware_tables(y_test, lambda name, p=protocol: _full_runs(predictions, p, name),
+                                    [i for i in inits if _full_runs(predictions, protocol, i) is not None],
+                                    n_boot, seed, per_task=True)
+        for protocol in ("paper", "probe") if protocol in set(records["protocol"])}
+    section["n_tasks_scored"] = _tasks_scored(records)
     return section
 
 
-def fewshot_section(records: pd.DataFrame, k_table: int = 5) -> dict:
-    """The ``fewshot`` section: AUROC against k, per-task k-shot tables, paired differences over seeds, skips."""
+def _tasks_scored(records: pd.DataFrame) -> dict:
+    """How many of the ten tasks each macro mean covers, per setting value (so no macro hides a skipped task)."""
+    scored = records[records["auroc"].notna()]
+    return {str(v): int(g["task"].nunique()) for v, g in scored.groupby("value")}
+
+
+def fewshot_section(records: pd.DataFrame, k_table: int = 5, predictions: dict | None = None,
+                    y_test: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The ``fewshot`` section: AUROC against k, per-task k-shot tables, paired differences over k-shot seeds,
+    the seed-aware (pretraining seed × patient) tables at ``k_table`` when predictions are given, and skips."""
     section = {"kshot_curve": table_records(curve_table(records, "kshot")),
                "paired": table_records(paired_seed_table(records, "kshot")),
                "per_task": {p: table_records(kshot_task_table(records, k_table, p))
                             for p in dict.fromkeys(records["protocol"])},
                "per_task_k": k_table,
-               "skipped": table_records(skipped_runs(records))}
+               "skipped": table_records(skipped_runs(records)),
+               "n_tasks_scored": _tasks_scored(records)}
+    if predictions is not None and y_test is not None:
+        inits = list(dict.fromkeys(records["init"]))
+        section["seed_aware"] = {
+            protocol: seed_aware_tables(
+                y_test, lambda name, p=protocol: _kshot_runs(predictions, p, name, k_table, len(y_test)),
+                [i for i in inits if _kshot_runs(predictions, protocol, i, k_table, len(y_test)) is not None],
+                n_boot, seed)
+            for protocol in dict.fromkeys(records["protocol"])}
     return section
 
 
 def claims_from_sections(finetune: dict | None, fewshot: dict | None, protocol: str = "paper") -> list[dict]:
-    paired_full = pd.DataFrame(finetune["paired"].get(protocol, [])) if finetune else None
-    kshot_paired = pd.DataFrame(fewshot["paired"]) if fewshot else None
-    return check_claims(paired_full, kshot_paired, protocol)
+    """The abstract's claims beside the replicated study's seed-aware intervals (both X-Cardia variants, against
+    CLIP-only and against scratch, for the encoder the paper's rule selected and for the last epoch)."""
+    out = []
+    full = pd.DataFrame((finetune or {}).get("seed_aware", {}).get(protocol, {}).get("paired", []))
+    if len(full):
+        tasks = full[(full["task"] != "macro") & (full["selection"] == "selected")]
+        for comparison, part in tasks.groupby("comparison", sort=False):
+            part = part.dropna(subset=["difference"])
+            if part.empty:
+                continue
+            best = part.loc[part["difference"].idxmax()]
+            out.append(_claim("full_label_max_gain", comparison, "selected", best,
+                              f"largest per-task gain: {LABEL_SHORT.get(best['task'], best['task'])}; "
+                              f"{best['n_seeds']} pretraining seeds"))
+        for _, row in full[full["task"] == "macro"].iterrows():
+            out.append(_claim("full_label_macro", row["comparison"], row["selection"], row,
+                              f"macro over {row['n_tasks']} tasks; {row['n_seeds']} pretraining seeds"))
+    five = pd.DataFrame((fewshot or {}).get("seed_aware", {}).get(protocol, {}).get("paired", []))
+    for _, row in five.iterrows():
+        out.append(_claim("five_shot_mean_gain", row["comparison"], row["selection"], row,
+                          f"macro over {row['n_tasks']} tasks, {protocol} protocol; {row['n_seeds']} pretraining "
+                          f"seeds, each over the same k-shot draws"))
+    return out
+
+
+PAPER_CLAIMS["full_label_macro"] = {"text": "(not a claim of the paper) macro AUROC gain with all labels", "value": None}
+
+
+def _claim(key: str, comparison: str, selection: str, row, detail: str) -> dict:
+    low, high = (float(row[c]) if row[c] is not None else math.nan for c in ("ci_low", "ci_high"))
+    return {"claim": PAPER_CLAIMS[key]["text"], "comparison": comparison, "selection": selection,
+            "paper": PAPER_CLAIMS[key]["value"], "measured": float(row["difference"]), "ci_low": low,
+            "ci_high": high, "detail": detail, "holds": bool(low > 0), "verdict": verdict(low, high)}
+
+
+def seed_aware_method_table(tables: dict) -> pd.DataFrame:
+    """methods × (macro AUROC [95% CI], seeds, tasks, per seed) as display strings."""
+    rows = pd.DataFrame(tables.get("methods", []))
+    if rows.empty:
+        return rows
+    return pd.DataFrame({"macro AUROC [95% CI]": [format_ci(r.auroc, r.ci_low, r.ci_high) for r in rows.itertuples()],
+                         "seeds": rows["n_seeds"].astype(int).values, "tasks": rows["n_tasks"].astype(int).values,
+                         "per seed": [", ".join(f"{v:.3f}" for v in (r or [])) for r in rows["per_seed"]]},
+                        index=pd.Index(rows["method"], name="method"))
+
+
+def seed_aware_paired_table(tables: dict) -> pd.DataFrame:
+    """(selection, comparison) × (Δ macro AUROC [95% CI], per seed, SE parts) as display strings."""
+    rows = pd.DataFrame(tables.get("paired", []))
+    if rows.empty:
+        return rows
+    rows = rows[rows["task"] == "macro"]
+    return pd.DataFrame({"Δ macro AUROC [95% CI]": [format_ci(r.difference, r.ci_low, r.ci_high) for r in rows.itertuples()],
+                         "seeds": rows["n_seeds"].astype(int).values,
+                         "per seed": [", ".join(f"{v:+.3f}" for v in (r or [])) for r in rows["per_seed"]],
+                         "SE seeds / patients": [f"{a:.3f} / {b:.3f}" if pd.notna(a) else "–"
+                                                 for a, b in zip(rows["se_seed"], rows["se_patient"])]},
+                        index=pd.MultiIndex.from_frame(rows[["selection", "comparison"]]))
+
+
+def first_seed(frame: pd.DataFrame, column: str = "init") -> pd.DataFrame:
+    """Rows of the first pretraining seed's selected encoders (and scratch_s0): one line per method in a figure."""
+    names = frame[column].astype(str)
+    return frame[(names.str.endswith("_s0") | ~names.str.contains(r"_s\d", regex=True)) & ~names.str.contains("@")]

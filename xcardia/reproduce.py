@@ -61,7 +61,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def execute_notebook(notebook: Path, output: Path, parameters: dict, timeout_s: int) -> None:
+def execute_notebook(notebook: Path, output: Path, parameters: dict, timeout_s: int | None) -> None:
     """Execute one notebook with papermill (kernel ``python3``) and raise :class:`NotebookFailed` on error."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -72,17 +72,46 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, timeout_s: 
             str(notebook), str(output), parameters=parameters, kernel_name="python3",
             execution_timeout=timeout_s, progress_bar=False, cwd=str(notebook.parent), log_output=False,
         )
-    except PapermillExecutionError as exc:
-        raise NotebookFailed(
-            f"notebook {notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
-            f"{exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''} — the executed notebook with the error "
-            f"is {output}"
-        ) from None
+    except Exception as exc:  # a timeout or a dead kernel: the same one-line message, naming notebook and cell
+        if isinstance(exc, PapermillExecutionError):
+            raise _failed(notebook, output, exc) from None
+        name = type(exc).__name__
+        if name in ("CellTimeoutError", "DeadKernelError", "TimeoutError") or "nbclient" in type(exc).__module__:
+            cell = _last_started_cell(output)
+            what = ("ran past the per-cell limit of "
+                    f"{timeout_s} s (rerun with a larger --cell-timeout, or none: finished runs are reused)"
+                    if "Timeout" in name else "lost its kernel (out of memory? rerun: finished runs are reused)")
+            raise NotebookFailed(f"notebook {notebook.name} {what} in cell {cell} — the partly executed notebook is "
+                                 f"{output}") from None
+        raise
+
+
+def _last_started_cell(output: Path) -> str:
+    """Index of the first cell papermill left without a finished status (best effort)."""
+    try:
+        import nbformat
+
+        nb = nbformat.read(str(output), as_version=4)
+        for i, cell in enumerate(nb.cells):
+            status = cell.get("metadata", {}).get("papermill", {}).get("status")
+            if status in ("running", "pending") and cell.get("cell_type") == "code":
+                return str(i)
+    except Exception:  # noqa: BLE001 - the message must still be written
+        pass
+    return "unknown"
+
+
+def _failed(notebook: Path, output: Path, exc) -> NotebookFailed:
+    return NotebookFailed(
+        f"notebook {notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+        f"{exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''} — the executed notebook with the error "
+        f"is {output}"
+    )
 
 
 def reproduce(profile: str = "cpu", out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
               seed: int = 0, only: list[str] | None = None, notebooks: str | os.PathLike | None = None,
-              log=print) -> Path:
+              log=print, cell_timeout_s: int | None = -1) -> Path:
     """Execute the numbered notebooks for ``profile`` and return the output folder.
 
     Args:
@@ -93,6 +122,7 @@ def reproduce(profile: str = "cpu", out: str | os.PathLike | None = None, data: 
         only: run only these notebooks (numbers or names).
         notebooks: folder holding the notebooks (default: the repository's ``notebooks/``).
         log: where progress lines go.
+        cell_timeout_s: per-cell limit in seconds (None: no limit); -1 (default): the profile's.
 
     Raises:
         NotebookFailed: at the first notebook that fails.
@@ -111,7 +141,8 @@ def reproduce(profile: str = "cpu", out: str | os.PathLike | None = None, data: 
     for nb in chosen:
         log(f"[xcardia] running {nb.name} (profile {profile}) ...")
         t0 = time.perf_counter()
-        execute_notebook(nb, out_dir / "notebooks" / nb.name, parameters, prof.notebook_timeout_s)
+        limit = prof.notebook_timeout_s if cell_timeout_s == -1 else cell_timeout_s
+        execute_notebook(nb, out_dir / "notebooks" / nb.name, parameters, limit)
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         log(f"[xcardia]   done in {timings[nb.name]:.0f} s")
     command = f"python -m xcardia reproduce --profile {profile}" + (f" --data {data}" if data else "")

@@ -162,3 +162,39 @@ def phenotype_columns() -> list[str]:
     """The main continuous ECHO/ECG phenotypes shown in distribution plots and correlation maps."""
     return [c for c in columns_in_group("demographics", "echo", "ecg")
             if COLUMN_BY_NAME[c].kind == "float" and c not in ("lv_edv_ml", "lv_esv_ml", "e_prime_mean_cm_s")]
+
+
+def tabular_concept_auroc(manifest: pd.DataFrame, column_sets: dict[str, tuple[str, ...]], seed: int = 0) -> pd.DataFrame:
+    """How much of each NW concept (and the mean) the tabular inputs alone reveal: an L2 logistic regression
+    (median imputation with missing indicators, standardised) fitted on the ``pretrain`` split, AUROC on ``val`` and
+    ``test``. One row per column set, one column per concept. A high value means the tabular tower can satisfy the
+    NW loss without the image encoder (why the default inputs are the paper's, not every column)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from xcardia.cohort.schema import CONCEPTS
+    from xcardia.models.tabular_encoder import TabularPreprocessor
+
+    split = manifest["split"].astype(str)
+    fit_rows = (split == "pretrain").to_numpy()
+    score_rows = split.isin(("val", "test")).to_numpy()
+    out = []
+    for name, columns in column_sets.items():
+        x = TabularPreprocessor(tuple(columns), "token").raw(manifest)
+        row = {"inputs": name, "n_columns": len(columns)}
+        for concept in CONCEPTS:
+            y = pd.to_numeric(manifest[concept], errors="coerce").to_numpy()
+            fit, score = fit_rows & ~np.isnan(y), score_rows & ~np.isnan(y)
+            if len(np.unique(y[fit])) < 2 or len(np.unique(y[score])) < 2:
+                row[concept] = math.nan
+                continue
+            model = make_pipeline(SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
+                                  StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
+            model.fit(x[fit], y[fit].astype(int))
+            row[concept] = float(roc_auc_score(y[score].astype(int), model.predict_proba(x[score])[:, 1]))
+        row["mean"] = float(np.nanmean([row[c] for c in CONCEPTS]))
+        out.append(row)
+    return pd.DataFrame(out)

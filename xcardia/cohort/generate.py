@@ -26,7 +26,7 @@ from xcardia.cohort.physiology import sample_patient
 from xcardia.cohort.render import RenderSpec, render_ct
 from xcardia.cohort.schema import COLUMNS, GT_COLUMNS, SPLITS
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 COMPLETE_MARKER = "cohort.json"
 PARTIAL_MARKER = ".generating.json"
 

@@ -46,6 +46,9 @@ ECHO_ERROR_SD = {
     "tapse_cm": 0.25,
     "rv_diameter_cm": 0.3,
     "effusion_mm": 1.5,
+    # 2-D biplane LVEF: inter-observer SD ≈ 5 EF points (Otterstad et al., Eur Heart J 1997; test–retest
+    # variability 6–7 points in Thavendiranathan et al., JACC 2013)
+    "lvef_points": 5.0,
 }
 
 
@@ -324,9 +327,8 @@ def sample_patient(seed: int, index: int) -> Patient:
     av_peak_g = float(formulas.bernoulli_peak_gradient(av_vmax_r)) if as_suspected else None
     av_mean_g = av_peak_g * float(np.clip(n(0.6, 0.04), 0.5, 0.7)) if as_suspected else None
 
-    lvef_r = edv_r = esv_r = None
+    edv_r = esv_r = None
     if lvidd_r is not None and lvids_r is not None:
-        lvef_r = round(float(formulas.teichholz_ejection_fraction(lvidd_r, lvids_r)), 2)
         edv_r = round(float(formulas.teichholz_volume(lvidd_r)), 2)
         esv_r = round(float(formulas.teichholz_volume(lvids_r)), 2)
     mass_r = None
@@ -341,7 +343,6 @@ def sample_patient(seed: int, index: int) -> Patient:
         "weight_kg": round(weight, 1),
         "bmi_kg_m2": round(bmi, 2),
         "bsa_m2": round(bsa, 3),
-        "lvef_percent": lvef_r,
         "lvidd_cm": lvidd_r,
         "lvids_cm": lvids_r,
         "ivsd_cm": ivsd_r,
@@ -461,9 +462,55 @@ def sample_patient(seed: int, index: int) -> Patient:
         "gt_la_volume_ml": round(la_vol, 1),
         "gt_ra_volume_ml": round(ra_vol, 1),
     }
+    table.update(_paper_echo_measurements(np.random.default_rng([seed, index, 2]), table, ef_true, edv, esv, lvot_vti,
+                                          mr_sev, poor_window, af))
+    table.update(derive_labels(table))  # LVEF now exists
     latent = {"cm_sev": cm_sev, "htn_sev": htn_sev, "as_sev": as_sev, "ar_sev": ar_sev, "mr_sev": mr_sev,
               "tr_sev": tr_sev, "pr_sev": pr_sev, "af": float(af), "pre_ph": float(pre_ph)}
     return Patient(index=index, patient_id=patient_id(index), table=table, gt=gt, anatomy=anatomy, latent=latent)
+
+
+def _paper_echo_measurements(rng: np.random.Generator, table: dict, ef_true: float, edv: float, esv: float,
+                             lvot_vti: float, mr_sev: float, poor_window: bool, af: bool) -> dict:
+    """Generator 2.0: the echo columns of the paper's tabular input that version 1.0 lacked, and LVEF as a
+    measurement of its own. Drawn from a separate stream (``[seed, index, 2]``) so every other value of a patient
+    is the same as in version 1.0.
+
+    LVEF is measured as an echo lab does (biplane Simpson from apical views, or a visual estimate): from the true
+    volumes with its own observer error, not from the reported M-mode diameters — which would hand the tabular
+    encoder the very numbers two NW concepts threshold. It needs apical views, so it is missing in ~2 %
+    (independently of the parasternal window that the diameters need).
+    """
+    n, u = rng.normal, rng.random
+    e = ECHO_ERROR_SD
+    lvef = float(np.clip((edv - esv) / edv * 100.0 + n(0.0, e["lvef_points"]), 8.0, 82.0))
+    lvef_r = None if u() < 0.02 else round(lvef, 1)
+    d = table.get("lvot_diameter_cm")
+    vti = table.get("lvot_vti_cm")
+    ejection_s = float(np.clip(n(0.30, 0.025), 0.22, 0.38))  # LV ejection time
+    # LVOT and AV VTI ≈ ½ · Vmax · ejection time (a triangular Doppler envelope)
+    lvot_vmax = None if vti is None else round(float(np.clip(2.0 * vti / 100.0 / ejection_s * (1 + n(0, 0.06)), 0.35, 2.4)), 2)
+    av_vmax = table.get("av_peak_velocity_m_s")
+    av_vti = None if av_vmax is None else round(float(np.clip(0.5 * av_vmax * 100.0 * ejection_s * (1 + n(0, 0.08)), 9.0, 190.0)), 1)
+    # an MR jet is recorded when one is seen (≥ mild): peak velocity from the LV–LA systolic gradient
+    mr_seen = table.get("mr_grade") in ("mild", "moderate", "severe") and u() < 0.85
+    lv_la_gradient = float(np.clip(n(110.0, 15.0) - 25.0 * mr_sev, 45.0, 170.0))  # mmHg
+    mr_vmax = round(float(np.clip(math.sqrt(lv_la_gradient / 4.0) * (1 + n(0, 0.05)), 2.5, 7.0)), 2) if mr_seen else None
+    mr_vti = round(float(np.clip(mr_vmax * 100.0 * 0.65 * ejection_s * 1.1 * (1 + n(0, 0.1)), 45.0, 280.0)), 1) if mr_seen else None
+    a_sept = None if af else round(float(np.clip(n(9.0, 1.6) + 0.6 * max((table["age_years"] - 64.0) / 10.0, -2.0), 3.0, 18.0)), 1)
+    a_lat = None if af else round(float(np.clip(a_sept * 1.1 + n(0.0, 1.2), 3.0, 20.0)), 1)
+    trv = table.get("tr_max_velocity_m_s")
+    return {
+        "lvef_percent": lvef_r,
+        "a_prime_septal_cm_s": a_sept,
+        "a_prime_lateral_cm_s": a_lat,
+        "lvot_area_cm2": None if d is None else round(math.pi * (d / 2.0) ** 2, 2),
+        "lvot_peak_velocity_m_s": lvot_vmax,
+        "av_vti_cm": av_vti,
+        "mr_peak_velocity_m_s": mr_vmax,
+        "mr_vti_cm": mr_vti,
+        "pasp_minus_rap_mmhg": None if trv is None else round(4.0 * trv**2, 2),
+    }
 
 
 def _value(table: dict, key: str) -> float:

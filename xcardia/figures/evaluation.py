@@ -67,8 +67,12 @@ def plot_forest(paired: pd.DataFrame, title: str):
     paired = paired.assign(**{c: pd.to_numeric(paired[c], errors="coerce") for c in ("difference", "ci_low", "ci_high")})
     comparisons = list(dict.fromkeys(paired["comparison"]))
     tasks = [t for t in (*LABELS, "macro") if t in set(paired["task"])]
-    fig, axes = plt.subplots(1, len(comparisons), figsize=(4.2 * len(comparisons), 0.38 * len(tasks) + 1.2),
+    n_cols = min(len(comparisons), 2)  # two panels a row: readable at 100 % in a notebook column
+    n_rows = -(-len(comparisons) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5.2 * n_cols, (0.3 * len(tasks) + 1.0) * n_rows),
                              sharey=True, squeeze=False)
+    for ax in axes.flat[len(comparisons):]:
+        ax.set_visible(False)
     for ax, comparison in zip(axes.flat, comparisons):
         part = paired[paired["comparison"] == comparison].set_index("task").reindex(tasks)
         y = np.arange(len(tasks))[::-1]

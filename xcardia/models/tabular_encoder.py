@@ -12,8 +12,12 @@
 - :func:`scarf_corrupt` is SCARF-style augmentation (Bahri et al., ICLR 2022): a random subset of each row's
   features is replaced by the same features of other rows of the batch.
 
-Which columns feed the encoder is configuration; :data:`DEFAULT_TABULAR_COLUMNS` excludes the four NW concept
-measurements and the values computed from them (Teichholz volumes, LV mass), as the paper excludes the concepts.
+Which columns feed the encoder is configuration. :data:`DEFAULT_TABULAR_COLUMNS` are the paper's inputs (its
+public code's ``structured_cols``) as far as the synthetic cohort simulates them — see
+:data:`PAPER_STRUCTURED_COLUMNS` and ``data_cards/synthetic_cohort.md``. Regurgitation grades (they define four
+labels; the paper has none), the four NW concept measurements and everything computed from them are not inputs.
+:data:`EXTENDED_TABULAR_COLUMNS` (every echo/ECG/demographic column but the concepts and their derivatives) is an
+opt-in variant, not the paper's setting.
 """
 
 from __future__ import annotations
@@ -35,10 +39,65 @@ from xcardia.cohort.schema import (
 )
 
 CONCEPT_DERIVED = ("lv_edv_ml", "lv_esv_ml", "lv_mass_g", "lv_mass_index_g_m2")
-DEFAULT_TABULAR_COLUMNS: tuple[str, ...] = tuple(
+
+#: The paper's tabular input, as its public code's ``structured_cols`` lists it (the 40 entries named in this
+#: project's issue 11, grouped as the public code groups them), each mapped to this project's column or to None
+#: where the synthetic cohort does not simulate it. Public-code names are given where this project's paper aliases
+#: know them; otherwise a description.
+PAPER_STRUCTURED_COLUMNS: tuple[tuple[str, str | None], ...] = (
+    ("ECHO_lvef_value", "lvef_percent"),
+    ("e_wave_velocity", "mv_e_velocity_cm_s"),
+    ("a_wave_velocity", "mv_a_velocity_cm_s"),
+    ("e_a_ratio", "mv_e_a_ratio"),
+    ("ECHO_mv_dti_e_prime_medial", "e_prime_septal_cm_s"),
+    ("ECHO_mv_dti_e_prime_lateral", "e_prime_lateral_cm_s"),
+    ("ECHO_mv_dti_e_prime_avg", "e_prime_mean_cm_s"),
+    ("a′ septal (medial)", "a_prime_septal_cm_s"),
+    ("a′ lateral", "a_prime_lateral_cm_s"),
+    ("a′ mean", None),
+    ("ECHO_lvot_diameter_value", "lvot_diameter_cm"),
+    ("LVOT area", "lvot_area_cm2"),
+    ("LVOT peak velocity (Vmax)", "lvot_peak_velocity_m_s"),
+    ("LVOT mean velocity (Vmean)", None),
+    ("LVOT peak gradient", None),
+    ("LVOT mean gradient", None),
+    ("ECHO_lvot_vti_value", "lvot_vti_cm"),
+    ("MR VTI", "mr_vti_cm"),
+    ("MR peak velocity", "mr_peak_velocity_m_s"),
+    ("ECHO_tr_max_velocity_value", "tr_max_velocity_m_s"),
+    ("ECHO_pasp_value", "pasp_mmhg"),
+    ("PASP − RAP", "pasp_minus_rap_mmhg"),
+    ("ECHO_rap_value", "rap_mmhg"),
+    ("ECHO_pericardial_effusion_value", "pericardial_effusion"),
+    ("ECHO_av_mean_gradient", "av_mean_gradient_mmhg"),
+    ("ECHO_av_peak_gradient", "av_peak_gradient_mmhg"),
+    ("ECHO_av_peak_velocity", "av_peak_velocity_m_s"),
+    ("AV VTI", "av_vti_cm"),
+    ("ventricular_rate", "ventricular_rate_bpm"),
+    ("atrial_rate", "atrial_rate_bpm"),
+    ("pr_interval", "pr_interval_ms"),
+    ("qrs_duration", "qrs_duration_ms"),
+    ("qt_inverval", "qt_interval_ms"),
+    ("qt_corrected", "qtc_ms"),
+    ("ventricular_pacing_flag", "ecg_paced_flag"),
+    ("Patients_Age", "age_years"),
+    ("Patients_Sex", "sex"),
+    ("race", None),
+    ("prosthetic valve flag", None),
+    ("ventricular assist device flag", None),
+)
+
+#: The encoder's default input: the paper's columns the cohort simulates, in the paper's order.
+DEFAULT_TABULAR_COLUMNS: tuple[str, ...] = tuple(ours for _, ours in PAPER_STRUCTURED_COLUMNS if ours is not None)
+PAPER_TABULAR_COLUMNS = DEFAULT_TABULAR_COLUMNS
+
+#: Opt-in variant (not the paper's input): every demographic, echo and ECG column except the concept measurements
+#: and what is computed from them — regurgitation grades, LA/RV size, TAPSE, Sokolow–Lyon, body size included.
+EXTENDED_TABULAR_COLUMNS: tuple[str, ...] = tuple(
     c for c in columns_in_group("demographics", "echo", "ecg")
     if c not in {m for m, _ in CONCEPTS.values()} and c not in CONCEPT_DERIVED
 )
+TABULAR_COLUMN_SETS = {"paper": PAPER_TABULAR_COLUMNS, "extended": EXTENDED_TABULAR_COLUMNS}
 
 
 def _ordinal(column: str, values: pd.Series) -> np.ndarray:
