@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _step_fn(device: torch.device, shape: int, batch: int, checkpoint: bool, compile_model: bool):

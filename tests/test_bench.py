@@ -16,7 +16,8 @@ def test_bench_runs_at_a_tiny_size_and_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ratio_cold_vs_warm" in result.stdout and "(goal" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report["benchmarks"]) == {"generation", "preprocessing", "clip_loss", "nw_head", "engine", "cost_model"}
+    assert set(report["benchmarks"]) == {"generation", "preprocessing", "clip_loss", "nw_head", "engine", "cost_model",
+                                           "finetune_cache"}
     cost = report["benchmarks"]["cost_model"]
     assert cost["forward_gflops_per_sample"] > 0
     for check in cost["validation_small_shapes"]:

@@ -13,7 +13,7 @@ import pytest
 from xcardia.cli import main
 from xcardia.cohort.generate import CohortError, CohortSpec, assign_splits, generate_cohort
 from xcardia.cohort.render import RenderSpec
-from xcardia.cohort.schema import CONCEPT_NAMES, LABELS, SPLITS
+from xcardia.schema import CONCEPT_NAMES, LABELS, SPLITS
 from xcardia.data.manifest import load_manifest
 
 from conftest import TINY_SPEC

@@ -10,7 +10,7 @@ import pytest
 
 from xcardia.cohort import formulas
 from xcardia.cohort.physiology import derive_concepts, derive_labels, sample_patient, ventricular_volume_fraction
-from xcardia.cohort.schema import CONCEPTS, ECHONEXT_PREVALENCE, LABELS, REGURGITATION_GRADES
+from xcardia.schema import CONCEPTS, ECHONEXT_PREVALENCE, LABELS, REGURGITATION_GRADES
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,6 @@ def test_loading_a_paper_manifest_maps_names_words_and_keeps_missing_missing(pap
 
 
 def test_every_paper_alias_targets_a_schema_column():
-    from xcardia.cohort.schema import COLUMN_BY_NAME
+    from xcardia.schema import COLUMN_BY_NAME
 
     assert all(target in COLUMN_BY_NAME for target in PAPER_ALIASES.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from xcardia.cohort.schema import schema_markdown
+from xcardia.schema import schema_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 
 import xcardia.finetune as finetune
 from xcardia.cli import main
-from xcardia.cohort.schema import LABELS
+from xcardia.schema import LABELS
 from xcardia.finetune import fraction_subset, kshot_subset
 
 
@@ -136,3 +136,24 @@ def test_bad_k_is_refused(tiny_cohort, tmp_path, capsys):
     assert main(["fewshot", "--init", "scratch", "--data", str(tiny_cohort), "--profile", "smoke", "--out",
                  str(tmp_path), "--k", "0,5"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scores, stop_at, best", [
+    ([0.6, 0.7, 0.65, 0.64], 4, 0.7),                  # patience 2 runs out after two worse epochs
+    ([float("nan"), float("nan"), float("nan")], None, None),  # no information: never stops, keeps the last state
+    ([float("nan"), 0.6, float("nan"), 0.55, 0.5], 5, 0.6),   # NaN neither improves nor advances the patience
+])
+def test_early_stopping_has_one_nan_rule(scores, stop_at, best):
+    from xcardia.finetune import EarlyStopping
+
+    stopper = EarlyStopping(patience=2)
+    stopped = None
+    for epoch, score in enumerate(scores, start=1):
+        if stopper.step(score, lambda e=epoch: {"epoch": e}):
+            stopped = epoch
+            break
+    assert stopped == stop_at
+    if best is None:
+        assert stopper.best_state == {"epoch": len(scores)}
+    else:
+        assert stopper.best == best

@@ -232,3 +232,17 @@ def test_masked_bce_with_logits_and_pos_weight_match_reference():
 def test_pos_weight_comes_from_the_subset_given():
     y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 0.0, 1.0], [0.0, float("nan"), 1.0], [0.0, 0.0, 1.0]])
     torch.testing.assert_close(pos_weight_from_subset(y), torch.tensor([3.0, 1.0, 1.0]))
+
+
+def test_nw_concept_without_observed_support_gives_finite_gradients():
+    """Issue 11.6: a concept no support entry observes (possible with queue and batch banks) used to form 0/0 before
+    the mask, which sent NaN gradients into the encoders."""
+    torch.manual_seed(0)
+    query = torch.randn(4, 8, requires_grad=True)
+    support = torch.randn(6, 8, requires_grad=True)
+    targets = torch.tensor([[1.0, float("nan")]] * 3 + [[0.0, float("nan")]] * 3)  # concept 1 never observed
+    prediction, _ = nw_predict(query, support, targets, 0.5)
+    assert torch.isnan(prediction[:, 1]).all()
+    masked_bce(prediction, torch.tensor([[1.0, 1.0]] * 4)).backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(support.grad).all()
+    assert query.grad.abs().sum() > 0

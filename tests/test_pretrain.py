@@ -130,3 +130,51 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tiny_cohort, tmp_p
             torch.testing.assert_close(ranks[0]["model"][key], value, atol=2e-5, rtol=1e-4, msg=key)
     # and what the model computes — the support-bank embeddings after training — agrees
     torch.testing.assert_close(ranks[0]["bank"]["embeddings"], reference["bank"]["embeddings"], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bank", ["kmeans", "queue"])
+def test_saved_selection_reproduces_the_logged_validation_score_of_its_epoch(tiny_cohort, tmp_path, bank):
+    """Issue 11.5: the selected epoch is saved whole (image encoder, tabular tower, projections, τ, bank), so the
+    fused validation concept mAP recomputed from it equals the one logged at that epoch — no hybrid of epochs."""
+    import numpy as np
+
+    from xcardia.data.dataset import CohortDataset
+    from xcardia.data.imaging import PreprocessCache
+    from xcardia.data.manifest import load_manifest
+    from xcardia.embeddings import load_run_model, run_bank
+    from xcardia.losses import nw_predict
+    from xcardia.metrics import concept_metrics
+    from xcardia.models.xcardia_model import XCardiaModel
+
+    model_spec, spec, pre = tiny_pretrain_specs("xcardia", epochs=3, bank=bank)
+    run = pretrain(tiny_cohort, tmp_path / "run", model_spec, spec, pre, cache_dir=tmp_path / "cache", **QUIET)
+    info = json.loads((run / "run.json").read_text())
+    epoch = info["selection"]["epoch"]
+    logged = read_log(run).set_index("epoch").loc[epoch]
+
+    model, tabular, config = load_run_model(run, "selected")
+    bank_state = run_bank(run, "selected")
+    manifest = load_manifest(tiny_cohort)
+    rows = np.flatnonzero((manifest["split"] == "val").to_numpy())
+    ds = CohortDataset(manifest, rows, PreprocessCache(tmp_path / "cache", pre), tabular.transform(manifest), None, 0)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
+    with torch.no_grad():
+        e_img, e_tab = model(batch["image"], batch["tab_values"], batch["tab_missing"])
+        query = XCardiaModel.nw_query(e_img, e_tab, config["pretrain"]["nw_query"])
+        prediction, _ = nw_predict(query, bank_state.embeddings, bank_state.targets, model.nw_temperature())
+    recomputed = concept_metrics(prediction.numpy(), batch["concepts"].numpy())
+    assert recomputed["concept_map"] == pytest.approx(logged["val_concept_map"], abs=1e-6)
+    assert recomputed["concept_auroc"] == pytest.approx(logged["val_concept_auroc"], abs=1e-6)
+    assert "val_image_query_concept_auroc" in logged.index
+    assert (run / "encoder_last.pt").exists()
+
+
+def test_two_processes_cannot_write_one_run_folder(tiny_cohort, tmp_path):
+    """Issue 12: the second pretraining into the same --out fails at once, naming the owner; the first is intact."""
+    from xcardia.run_folder import RunLock
+
+    with RunLock(tmp_path / "run", "pretraining run"):
+        with pytest.raises(XcardiaError, match="in use by another pretraining run"):
+            model_spec, spec, pre = tiny_pretrain_specs("clip")
+            pretrain(tiny_cohort, tmp_path / "run", model_spec, spec, pre, cache_dir=tmp_path / "cache", **QUIET)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

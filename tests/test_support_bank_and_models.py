@@ -125,9 +125,46 @@ def test_unknown_architecture_is_refused():
 
 # ----------------------------------------------------------------------------- tabular
 def test_default_tabular_columns_exclude_concept_measurements_and_their_derivatives():
-    for col in ("ivsd_cm", "lvpwd_cm", "lvidd_cm", "lvids_cm", "lv_mass_g", "lv_edv_ml"):
+    for col in ("ivsd_cm", "lvpwd_cm", "lvidd_cm", "lvids_cm", "lv_edv_ml", "lv_esv_ml", "lv_mass_g"):
         assert col not in DEFAULT_TABULAR_COLUMNS
     assert "lvef_percent" in DEFAULT_TABULAR_COLUMNS and "qrs_duration_ms" in DEFAULT_TABULAR_COLUMNS
+
+
+def test_default_tabular_columns_are_the_papers_and_define_no_label():
+    """Issue 11: the paper's structured_cols as far as simulated; no regurgitation grade (they define four labels),
+    nothing the paper's table lacks."""
+    from xcardia.schema import COLUMN_BY_NAME
+    from xcardia.models.tabular_encoder import PAPER_STRUCTURED_COLUMNS
+
+    mapped = [ours for _, ours in PAPER_STRUCTURED_COLUMNS if ours is not None]
+    assert DEFAULT_TABULAR_COLUMNS == tuple(mapped) and len(set(mapped)) == len(mapped)
+    assert all(c in COLUMN_BY_NAME for c in mapped)
+    for absent in ("ar_grade", "mr_grade", "tr_grade", "pr_grade", "la_diameter_cm", "la_volume_index_ml_m2",
+                   "rv_basal_diameter_cm", "tapse_cm", "sokolow_lyon_mv", "height_cm", "weight_kg", "bmi_kg_m2",
+                   "bsa_m2", "qrs_axis_deg", "ecg_af_flag", "e_e_prime_ratio"):
+        assert absent not in DEFAULT_TABULAR_COLUMNS, absent
+
+
+def test_generated_cohort_writes_every_default_tabular_column(tiny_cohort):
+    from xcardia.data.manifest import load_manifest
+
+    manifest = load_manifest(tiny_cohort)
+    assert set(DEFAULT_TABULAR_COLUMNS) <= set(manifest.columns)
+    # measurement-triggered missingness: an MR jet velocity only where MR of at least mild grade was seen
+    has_mr_velocity = manifest["mr_peak_velocity_m_s"].notna()
+    assert manifest.loc[has_mr_velocity, "mr_grade"].isin(["mild", "moderate", "severe"]).all()
+
+
+def test_reported_lvef_is_measured_not_teichholz_of_the_reported_diameters():
+    from xcardia.cohort import formulas
+    from xcardia.cohort.physiology import sample_patient
+
+    differences = []
+    for i in range(200):
+        t = sample_patient(0, i).table
+        if None not in (t["lvef_percent"], t["lvidd_cm"], t["lvids_cm"]):
+            differences.append(t["lvef_percent"] - float(formulas.teichholz_ejection_fraction(t["lvidd_cm"], t["lvids_cm"])))
+    assert len(differences) > 150 and np.std(differences) > 3.0  # an independent measurement, not a formula
 
 
 def _frame(values, sex):

@@ -160,6 +160,10 @@ def _cmd_generate(args) -> int:
         split_fractions=args.splits or spec.split_fractions,
         write_labelmap=not args.no_labelmap,
     )
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise XcardiaError(f"--out {args.out} is an existing file; give a folder for the cohort (nothing was written)")
     manifest = generate_cohort(args.out, spec, workers=args.workers)
     print(f"cohort of {spec.n_patients} patients: {manifest}")
     return 0
@@ -168,6 +172,25 @@ def _cmd_generate(args) -> int:
 def _cmd_validate(args) -> int:
     from xcardia.data.validate import validate_manifest, write_report
 
+    from pathlib import Path
+
+    from xcardia.data.manifest import load_manifest, manifest_file
+    from xcardia.run_folder import refuse_input_paths
+
+    if args.report:  # checked before any work: never overwrite an input, never fail after a long --deep run
+        report_path = Path(args.report)
+        if not report_path.parent.exists():
+            raise XcardiaError(f"--report {args.report}: the folder {report_path.parent} does not exist; create it first")
+        if report_path.is_dir():
+            raise XcardiaError(f"--report {args.report} is a folder; give a file name such as validation.json")
+        if report_path.resolve() == manifest_file(args.manifest).resolve():
+            raise XcardiaError(f"--report {args.report} is the manifest itself; write the report elsewhere "
+                               f"(nothing was written)")
+        try:
+            refuse_input_paths(report_path, load_manifest(args.manifest, check=False), "--report")
+        except XcardiaError as exc:
+            if "is the manifest" in str(exc) or "image" in str(exc):
+                raise
     report = validate_manifest(args.manifest, deep=args.deep, aliases=args.aliases, npy_spacing_mm=args.npy_spacing)
     print(report.to_text())
     if args.report:
@@ -188,6 +211,7 @@ def _cmd_pretrain(args) -> int:
     if args.compile:
         overrides["compile"] = True
     model_spec, spec = profile_run_specs(profile, args.method, **overrides)
+    _refuse_output_in_inputs(args.out, args.data)
     try:
         pretrain(args.data, args.out, model_spec, spec, profile.preprocess, cache_dir=args.cache, resume=args.resume)
     finally:
@@ -195,13 +219,22 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _refuse_output_in_inputs(out, data) -> None:
+    from xcardia.data.manifest import load_manifest
+    from xcardia.run_folder import refuse_input_paths
+
+    refuse_input_paths(out, load_manifest(data, check=False), "--out")
+
+
 def _parse_inits(values: list[str]) -> dict[str, str]:
     from pathlib import Path
 
     inits = {}
     for value in values:
-        name, _, path = value.partition("=") if "=" in value else ("", "", value)
-        if path != "scratch" and not Path(path).exists():
+        # NAME=PATH names an init, unless the whole value is an existing path (paths may contain '=')
+        named = "=" in value and not Path(value).exists()
+        name, _, path = value.partition("=") if named else ("", "", value)
+        if not (path == "scratch" or path.startswith("scratch:")) and not Path(path).exists():
             raise XcardiaError(f"--init {value}: {path} does not exist; pass 'scratch', a pretraining run folder or "
                                f"an encoder file")
         name = name or ("scratch" if path == "scratch" else Path(path).stem if Path(path).is_file() else Path(path).name)
@@ -224,6 +257,7 @@ def _cmd_evaluate(args) -> int:
     inits = _parse_inits(args.init)
     spec = profile.finetune
     out = Path(args.out)
+    _refuse_output_in_inputs(out, args.data)
     if args.command == "finetune":
         records, predictions, y_test = finetune_experiment(profile, args.data, inits, out, args.cache, spec, args.seed,
                                                            progress=True)
@@ -255,8 +289,10 @@ def _cmd_bench(args) -> int:
 
     if not (project_root() / "bench" / "suite.py").exists():
         raise XcardiaError("the benchmark suite lives in the repository's bench/ folder; run from a checkout")
-    sys.path.insert(0, str(project_root()))
-    from bench.suite import BENCHMARKS, format_table, run
+    import runpy
+
+    suite = runpy.run_path(str(project_root() / "bench" / "suite.py"), run_name="xcardia_bench_suite")
+    BENCHMARKS, format_table, run = suite["BENCHMARKS"], suite["format_table"], suite["run"]  # noqa: N806
 
     only = args.only.split(",") if args.only else None
     if only and set(only) - set(BENCHMARKS):
@@ -298,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except XcardiaError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied, a vanished file: the system's words, on one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; free space or fix permissions, then rerun (--resume continues "
+              f"a pretraining run from its last complete epoch)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

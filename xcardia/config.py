@@ -16,10 +16,9 @@ from dataclasses import dataclass, field, replace
 from xcardia.cohort.generate import CohortSpec
 from xcardia.cohort.render import RenderSpec
 from xcardia.data.imaging import PreprocessSpec
-from xcardia.finetune import FinetuneSpec
 from xcardia.models.image_encoder import ImageEncoderSpec
 from xcardia.models.xcardia_model import ModelSpec
-from xcardia.pretrain import PretrainSpec
+from xcardia.specs import FinetuneSpec, PretrainSpec
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ PROFILES: dict[str, Profile] = {
                                                conv1_stride=2, max_pool=False), **SMALL_TABULAR),
         pretrain=PretrainSpec(epochs=2, batch_size=16, lr=1e-3, restart_period=2, bank_refresh_every=1,
                               in_memory=True),
-        pretrain_runs=replicated(COMPARED_RUNS, (0, 1)),
+        pretrain_runs={**replicated(COMPARED_RUNS, (0, 1)), **replicated(NW_ONLY_RUN, (0,))},
         init_seeds=(0, 1),
         finetune=FinetuneSpec(max_epochs=5, patience=2, kshot_epochs=10, scratch_all_max_epochs=2,
                               fractions=(0.1, 1.0), fraction_seeds=(123,), ks=(1, 5), kshot_seeds=3,

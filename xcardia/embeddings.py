@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xcardia.cohort.schema import CONCEPT_NAMES
+from xcardia.schema import CONCEPT_NAMES
 from xcardia.data.dataset import CohortDataset
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
 from xcardia.errors import XcardiaError

@@ -1,6 +1,6 @@
 """Downstream evaluation: fine-tuning protocols, label-fraction sweep and true k-shot, on the ten tasks.
 
-Protocols (DESIGN §5), for any encoder init (``scratch`` or a pretraining run / encoder file):
+Protocols (docs/method.md §5), for any encoder init (``scratch`` or a pretraining run / encoder file):
 
 - ``paper``: the paper's fine-tuning — the encoder frozen except its last ResNet stage and the feature layer after
   it, ten heads trained with masked BCE (missing labels masked), ``pos_weight`` counted on the subset actually
@@ -20,7 +20,6 @@ the patient ids written out). In k-shot, fine-tuning runs a fixed number of epoc
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from xcardia.cohort.schema import LABELS
+from xcardia.schema import LABELS
 from xcardia.data.dataset import CohortDataset, table_array
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
 from xcardia.errors import XcardiaError
@@ -44,31 +43,7 @@ from xcardia.models.weights import load_encoder
 PROTOCOLS = ("paper", "probe", "scratch_all")
 
 
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """Downstream settings (fixed before any result was seen, identical for every init)."""
-
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    max_epochs: int = 30
-    patience: int = 5
-    kshot_epochs: int = 40
-    scratch_all_lr: float = 3e-4
-    scratch_all_max_epochs: int = 20
-    fractions: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
-    fraction_seeds: tuple[int, ...] = (123, 456, 789)
-    scratch_all_fractions: tuple[float, ...] = (1.0,)
-    scratch_all_seeds: tuple[int, ...] = (123,)
-    ks: tuple[int, ...] = (1, 5, 10, 25)
-    kshot_seeds: int = 10
-    kshot_protocols: tuple[str, ...] = ("probe", "paper")
-    kshot_paper_ks: tuple[int, ...] = (1, 5, 10, 25)
-    probe_c: float = 1.0
-    n_boot: int = 1000
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+from xcardia.specs import FinetuneSpec  # noqa: F401 - the evaluation spec, re-exported
 
 
 # ------------------------------------------------------------------------------------------ subsets
@@ -165,6 +140,39 @@ class TopModel(nn.Module):
         return self
 
 
+class EarlyStopping:
+    """Early stopping on a validation score (higher is better), one rule for every protocol.
+
+    A NaN score (no validation task has both classes) carries no information: it never counts as an improvement
+    and never advances the patience; while no finite score has been seen, the latest state is kept, so a run
+    without any usable validation score ends with its last epoch.
+
+    Args:
+        patience: epochs without improvement before stopping.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = -math.inf
+        self.best_state = None
+        self.stale = 0
+        self.seen_finite = False
+
+    def step(self, score: float, state) -> bool:
+        """Record this epoch's ``score``; ``state()`` returns the weights to keep if it is the best. Returns True
+        when training should stop."""
+        if math.isnan(score):
+            if not self.seen_finite:
+                self.best_state = copy.deepcopy(state())
+            return False
+        if score > self.best:
+            self.best, self.stale, self.seen_finite = score, 0, True
+            self.best_state = copy.deepcopy(state())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+
 def _macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
     values = [auroc(y[:, t], p[:, t]) for t in range(y.shape[1])]
     finite = [v for v in values if not math.isnan(v)]
@@ -189,7 +197,7 @@ def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     val_trunk = init.trunk[torch.as_tensor(init.at(val_rows))] if val_rows is not None else None
-    best, best_state, stale = -math.inf, None, 0
+    stopper = EarlyStopping(spec.patience)
     for _epoch in range(epochs or spec.max_epochs):
         model.train()
         order = torch.randperm(len(trunk), generator=generator)
@@ -201,15 +209,10 @@ def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val
             optimizer.step()
         if val_trunk is None:
             continue
-        score = _macro_auroc(labels[val_rows], _predict_top(model, val_trunk))
-        if math.isnan(score) or score > best:
-            best, best_state, stale = (score if not math.isnan(score) else best), copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= spec.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        if stopper.step(_macro_auroc(labels[val_rows], _predict_top(model, val_trunk)), model.state_dict):
+            break
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
     return model
 
 
@@ -246,7 +249,7 @@ def train_scratch_all(manifest, dataset_train: CohortDataset, dataset_val: Cohor
         out = [torch.sigmoid(heads(encoder(b["image"]))) for b in torch.utils.data.DataLoader(ds, batch_size=128)]
         return torch.cat(out).numpy()
 
-    best, best_state, stale = -math.inf, None, 0
+    stopper = EarlyStopping(spec.patience)
     for _epoch in range(spec.scratch_all_max_epochs):
         encoder.train()
         loader = torch.utils.data.DataLoader(dataset_train, batch_size=spec.batch_size, shuffle=True, generator=generator,
@@ -256,17 +259,12 @@ def train_scratch_all(manifest, dataset_train: CohortDataset, dataset_val: Cohor
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        score = _macro_auroc(labels[dataset_val.rows], predict(dataset_val))
-        if score > best:
-            best, stale = score, 0
-            best_state = (copy.deepcopy(encoder.state_dict()), copy.deepcopy(heads.state_dict()))
-        else:
-            stale += 1
-            if stale >= spec.patience:
-                break
-    if best_state is not None:
-        encoder.load_state_dict(best_state[0])
-        heads.load_state_dict(best_state[1])
+        if stopper.step(_macro_auroc(labels[dataset_val.rows], predict(dataset_val)),
+                        lambda: (encoder.state_dict(), heads.state_dict())):
+            break
+    if stopper.best_state is not None:
+        encoder.load_state_dict(stopper.best_state[0])
+        heads.load_state_dict(stopper.best_state[1])
     return predict(dataset_test)
 
 
@@ -295,10 +293,7 @@ class Experiment:
                          for s, r in self.rows.items()}
 
     def add_init(self, name: str, encoder: ImageEncoder) -> EncodedInit:
-        splits = ("train", "val", "test")
-        union = CohortDataset(self.manifest, np.concatenate([self.rows[s] for s in splits]), self.cache, None, None, 0)
-        volumes = (self.datasets[s].image(i) for s in splits for i in range(len(self.datasets[s])))
-        union._images = dict(enumerate(volumes))  # the volumes already in RAM, not read again
+        union = CohortDataset.from_parts([self.datasets[s] for s in ("train", "val", "test")])  # volumes in RAM
         self.inits[name] = encode(name, encoder, union)
         return self.inits[name]
 
@@ -346,8 +341,7 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
         for fraction in spec.scratch_all_fractions:
             for seed in spec.scratch_all_seeds:
                 subset = fraction_subset(train, fraction, seed)
-                ds_train = CohortDataset(exp.manifest, subset, exp.cache, None, None, 0, in_memory=True)
-                ds_train._images = {i: exp.datasets["train"].image(int(np.searchsorted(train, r))) for i, r in enumerate(subset)}
+                ds_train = CohortDataset.from_parts([exp.datasets["train"]], subset)
                 p = train_scratch_all(exp.manifest, ds_train, exp.datasets["val"], exp.datasets["test"], exp.image_spec,
                                       exp.labels, spec, seed)
                 predictions[("scratch_all", scratch_names[0], fraction, seed)] = p

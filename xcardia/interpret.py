@@ -301,7 +301,7 @@ def saliency_study(profile, manifest: pd.DataFrame, inits: dict[str, str], cache
     with Grad-CAM and occlusion, and measure the share of saliency inside the heart (needs label maps)."""
     import nibabel as nib
 
-    from xcardia.cohort.schema import LABELS
+    from xcardia.schema import LABELS
     from xcardia.data.manifest import resolve_ct_path
     from xcardia.finetune import prepare_experiment, train_top
 

@@ -1,6 +1,6 @@
 """The pretraining objective of X-Cardia and the downstream loss.
 
-The paper's objective (Nizam et al., MIDL 2026, §2):
+The paper's objective (Nizam et al., MIDL 2026; docs/method.md §2):
 
     L = L_clip(image, tabular) + λ_nw · L_nw
 
@@ -8,7 +8,7 @@ where ``L_clip`` is the symmetric InfoNCE of CLIP (Radford et al., 2021) between
 and ``L_nw`` is a binary cross-entropy of a Nadaraya–Watson (NW) kernel regression (Nadaraya 1964; Watson 1964)
 that predicts the four phenotype concepts of a query from a support bank of embedded exemplars.
 
-Differences from the public code (DESIGN §4), each tested: CLIP negatives are gathered from every rank with
+Differences from the public code (docs/method.md §3), each tested: CLIP negatives are gathered from every rank with
 gradient (defect 6); a missing target is masked, never counted as 0 or 1 (defect 2); the NW temperature is a
 parameter that may be learned (defect 5).
 """
@@ -186,3 +186,48 @@ def pos_weight_from_subset(targets: torch.Tensor, max_weight: float = 100.0) -> 
     neg = (targets == 0).sum(0).to(targets.dtype)
     weight = torch.where((pos > 0) & (neg > 0), neg / pos.clamp(min=1), torch.ones_like(pos))
     return weight.clamp(max=max_weight)
+
+
+def nw_query(e_img: torch.Tensor, e_tab: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """The NW query (docs/method.md §2): ``"fused"`` = normalize(e_img + e_tab) (paper), ``"image"`` =
+    normalize(e_img) (only the image encoder can then satisfy the phenotype loss). Shapes: (B, D) → (B, D)."""
+    if mode == "fused":
+        return F.normalize(e_img + e_tab, dim=1)
+    if mode == "image":
+        return F.normalize(e_img, dim=1)
+    raise ValueError(f"NW query must be 'fused' or 'image', got {mode!r}")
+
+
+def pretraining_loss(e_img: torch.Tensor, e_tab: torch.Tensor, concepts: torch.Tensor, clip_temperature: torch.Tensor,
+                     nw_temperature: torch.Tensor, clip_weight: float, nw_weight: float, query_mode: str = "fused",
+                     support_for=None, kernel: str = "cosine") -> tuple[torch.Tensor, dict]:
+    """The paper's objective, eq. (1) of docs/method.md: ``L = w_clip · L_clip + λ_nw · L_nw``.
+
+    Args:
+        e_img, e_tab: (B, D) image and tabular embeddings of this rank's batch.
+        concepts: (B, C) concept targets (NaN = missing, masked).
+        clip_temperature, nw_temperature: the model's temperatures.
+        clip_weight: 1, or 0 for NW-only pretraining.
+        nw_weight: λ_nw (paper 0.5), 0 for CLIP-only.
+        query_mode: ``fused`` (paper) or ``image``.
+        support_for: ``(query, concepts) → (support (S, D), support_targets (S, C), exclude (B, S) or None)``: the
+            bank this step uses (:func:`xcardia.support_bank.step_support`). Required when ``nw_weight`` > 0.
+        kernel: ``cosine`` (paper) or ``euclidean``.
+
+    Returns:
+        ``(loss, parts)``: the scalar loss and ``{"clip", "nw"}`` (present when weighted) plus ``"query"`` (the NW
+        query, for a queue bank to enqueue).
+    """
+    loss = torch.zeros((), device=e_img.device)
+    parts: dict = {}
+    if clip_weight:
+        parts["clip"] = clip_loss(e_img, e_tab, clip_temperature)
+        loss = loss + clip_weight * parts["clip"]
+    if nw_weight:
+        query = nw_query(e_img, e_tab, query_mode)
+        support, targets, exclude = support_for(query, concepts)
+        prediction, _ = nw_predict(query, support, targets, nw_temperature, kernel, exclude=exclude)
+        parts["nw"] = masked_bce(prediction, concepts)
+        parts["query"] = query
+        loss = loss + nw_weight * parts["nw"]
+    return loss, parts

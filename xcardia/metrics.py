@@ -270,3 +270,23 @@ def seed_aware_interval(y_true: np.ndarray, scores_a: list, scores_b: list | Non
     out.update(se_seed=se_seed, se_patient=se_patient, ci_low=max(out["estimate"] - half, low),
                ci_high=min(out["estimate"] + half, high))
     return out
+
+
+def concept_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
+    """Per-concept and mean AUROC, AUPRC (mAP) and ECE of NW concept predictions (masked where missing).
+
+    Args:
+        predictions: (N, C) probabilities (NaN where no support observed the concept).
+        targets: (N, C) 1, 0 or NaN, columns in :data:`xcardia.schema.CONCEPT_NAMES` order.
+    """
+    from xcardia.schema import CONCEPT_NAMES
+
+    out = {}
+    for c, name in enumerate(CONCEPT_NAMES):
+        out[f"{name}_auroc"] = auroc(targets[:, c], predictions[:, c])
+        out[f"{name}_auprc"] = auprc(targets[:, c], predictions[:, c])
+        out[f"{name}_ece"] = expected_calibration_error(targets[:, c], predictions[:, c])
+    out["concept_auroc"] = nanmean([out[f"{n}_auroc"] for n in CONCEPT_NAMES])
+    out["concept_map"] = nanmean([out[f"{n}_auprc"] for n in CONCEPT_NAMES])
+    out["concept_ece"] = nanmean([out[f"{n}_ece"] for n in CONCEPT_NAMES])
+    return out

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from xcardia import __version__
-from xcardia.cohort.schema import CONCEPT_NAMES
+from xcardia.schema import CONCEPT_NAMES
 from xcardia.data.dataset import AugmentSpec, CohortDataset
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
 from xcardia.data.manifest import load_manifest
@@ -46,90 +46,18 @@ from xcardia.distributed import (
     world_size,
 )
 from xcardia.errors import XcardiaError
-from xcardia.losses import clip_loss, masked_bce, nw_predict
-from xcardia.metrics import auprc, auroc, expected_calibration_error, nanmean
+from xcardia.losses import clip_loss, nw_predict, pretraining_loss
+from xcardia.metrics import concept_metrics
 from xcardia.models.tabular_encoder import DEFAULT_TABULAR_COLUMNS, TabularPreprocessor, scarf_corrupt
 from xcardia.models.weights import save_encoder
 from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
 from xcardia.results import to_jsonable
 from xcardia.run_folder import RunLock, cohort_fingerprint, describe_cohort_change
-from xcardia.support_bank import QueueBank, SupportBank, build_kmeans_bank
+from xcardia.support_bank import QueueBank, SupportBank, build_kmeans_bank, step_support
 
-METHODS = ("clip", "xcardia", "nw_only")
-VARIANTS = ("paper", "fixed")
+from xcardia.specs import METHODS, VARIANTS, PretrainSpec  # noqa: F401 - the engine's spec, re-exported
+
 TRAINING_SPLITS = ("pretrain", "train")
-
-
-@dataclass(frozen=True)
-class PretrainSpec:
-    """Pretraining hyper-parameters (defaults: the public code's).
-
-    Attributes:
-        method: ``clip``, ``xcardia`` or ``nw_only``.
-        variant: ``paper`` or ``fixed`` (see the module docstring); applied by :func:`apply_variant`.
-        epochs, batch_size, lr, weight_decay: paper: 80, 8 per GPU, 1e-4, 1e-5 (AdamW).
-        restart_period, restart_mult, min_lr: cosine annealing with warm restarts (paper: 10, 2, 1e-6).
-        lambda_nw: weight of the NW loss (paper: 0.5).
-        nw_query: ``fused`` (paper) or ``image``.
-        nw_kernel: ``cosine`` (paper) or ``euclidean``.
-        bank: ``kmeans`` (paper), ``queue`` or ``batch``.
-        bank_k_per_concept, bank_refresh_every: paper: 5 exemplars per concept, rebuilt every 5 epochs.
-        queue_size: capacity of the queue bank.
-        tabular_missing: ``token`` (learned missing tokens) or ``knn`` (the paper's imputation).
-        scarf_rate: share of tabular features corrupted per row (0 = off).
-        augment: small affine and noise augmentation of the CT (off, as the public code's default).
-        num_workers: data loader processes.
-        in_memory: keep preprocessed CTs in RAM (CPU-sized profiles).
-        bf16, channels_last, activation_checkpointing, compile: GPU options (ignored on CPU).
-        seed: everything random (initialisation, order, augmentation, k-means).
-    """
-
-    method: str = "xcardia"
-    variant: str = "fixed"
-    epochs: int = 80
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    restart_period: int = 10
-    restart_mult: int = 2
-    min_lr: float = 1e-6
-    lambda_nw: float = 0.5
-    nw_query: str = "fused"
-    nw_kernel: str = "cosine"
-    bank: str = "kmeans"
-    bank_k_per_concept: int = 5
-    bank_refresh_every: int = 5
-    queue_size: int = 4096
-    tabular_missing: str = "token"
-    scarf_rate: float = 0.0
-    augment: bool = False
-    num_workers: int = 0
-    in_memory: bool = False
-    bf16: bool = False
-    channels_last: bool = False
-    activation_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise XcardiaError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.variant not in VARIANTS:
-            raise XcardiaError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        for name, allowed in (("nw_query", ("fused", "image")), ("nw_kernel", ("cosine", "euclidean")),
-                              ("bank", ("kmeans", "queue", "batch")), ("tabular_missing", ("token", "knn"))):
-            if getattr(self, name) not in allowed:
-                raise XcardiaError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise XcardiaError("epochs must be ≥ 1 and batch_size ≥ 2 (CLIP needs negatives)")
-
-    @property
-    def clip_weight(self) -> float:
-        return 0.0 if self.method == "nw_only" else 1.0
-
-    @property
-    def nw_weight(self) -> float:
-        return 0.0 if self.method == "clip" else self.lambda_nw
 
 
 def apply_variant(model: ModelSpec, spec: PretrainSpec) -> tuple[ModelSpec, PretrainSpec]:
@@ -156,8 +84,8 @@ def run_config(model: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
             "tabular_columns": list(tabular_columns), "data": str(manifest_path)}
 
 
-#: Settings that may differ between a run and its resumption (they do not change the result).
-RESUMABLE_DIFFERENCES = ("epochs", "num_workers")
+#: Runtime switches: they may differ between a run and its resumption (they do not change the result).
+RESUMABLE_DIFFERENCES = ("epochs", "num_workers", "compile", "activation_checkpointing")
 
 
 def _comparable(config: dict) -> dict:
@@ -179,9 +107,15 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename: a crash or a full disk never leaves a half-written file (the
+    previous version stays in place; the temporary file is removed)."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _rng_state() -> dict:
@@ -232,19 +166,6 @@ class _Embedder:
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def concept_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
-    """Per-concept and mean AUROC, AUPRC (mAP) and ECE of NW concept predictions (masked where missing)."""
-    out = {}
-    for c, name in enumerate(CONCEPT_NAMES):
-        out[f"{name}_auroc"] = auroc(targets[:, c], predictions[:, c])
-        out[f"{name}_auprc"] = auprc(targets[:, c], predictions[:, c])
-        out[f"{name}_ece"] = expected_calibration_error(targets[:, c], predictions[:, c])
-    out["concept_auroc"] = nanmean([out[f"{n}_auroc"] for n in CONCEPT_NAMES])
-    out["concept_map"] = nanmean([out[f"{n}_auprc"] for n in CONCEPT_NAMES])
-    out["concept_ece"] = nanmean([out[f"{n}_ece"] for n in CONCEPT_NAMES])
-    return out
-
-
 def _prepare_run_dir(out: Path, config: dict, resume: bool, fingerprint: dict | None = None) -> dict | None:
     """Checks on the run folder; returns the checkpoint to resume from (or None), raises on conflicts."""
     checkpoint = out / "checkpoint.pt"
@@ -263,13 +184,13 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool, fingerprint: dict | 
         if changed:
             raise XcardiaError(f"--resume: the cohort changed since {checkpoint} was written ({changed}); "
                                f"start a new run in another --out")
-        if int(state["epoch"]) >= int(config["pretrain"]["epochs"]):
-            raise XcardiaError(f"--resume: {out} already finished {state['epoch']} of {config['pretrain']['epochs']} "
-                               f"epochs; pass a larger --epochs to continue it")
         diff = _config_differences(_comparable(state["config"]), _comparable(config))
         if diff:
             raise XcardiaError(f"--resume: {checkpoint} was written with a different configuration "
                                f"({'; '.join(diff[:5])}); resume with the original settings or use another --out")
+        if int(state["epoch"]) >= int(config["pretrain"]["epochs"]):
+            raise XcardiaError(f"--resume: {out} already finished {state['epoch']} of {config['pretrain']['epochs']} "
+                               f"epochs; pass a larger --epochs to continue it")
         return state
     if checkpoint.exists() or run_json.exists():
         raise XcardiaError(f"{out} already holds a pretraining run; pass --resume to continue it or choose another --out")
@@ -326,21 +247,104 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
             lock.release()
 
 
+@dataclass
+class _Run:
+    """Everything one pretraining run holds while it trains (built by :func:`_setup`)."""
+
+    out: Path
+    spec: PretrainSpec
+    model_spec: ModelSpec
+    preprocess: PreprocessSpec
+    config: dict
+    fingerprint: dict
+    device: torch.device
+    model: XCardiaModel
+    forward: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    autocast: object
+    pre: TabularPreprocessor
+    train_rows: np.ndarray
+    train_ds: CohortDataset
+    plain_ds: CohortDataset
+    val_ds: CohortDataset
+    sampler: DistributedSampler
+    loader: DataLoader
+    embed_train: _Embedder
+    embed_val: _Embedder
+    queue: QueueBank | None = None
+    bank: SupportBank | None = None
+    history: list = None
+    best: dict = None
+    start_epoch: int = 0
+    step_count: int = 0
+    started: float = 0.0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def rebuild_kmeans_bank(self) -> SupportBank:
+        embedded = self.embed_train(self.model, self.spec.nw_query, self.autocast)
+        return build_kmeans_bank(embedded["query"], embedded["concepts"], embedded["index"],
+                                 self.spec.bank_k_per_concept, self.spec.seed)
+
+    def support_bank(self) -> SupportBank | None:
+        """The support the NW head validates against (the queue's filled part, or the k-means bank)."""
+        return self.queue.bank() if self.queue is not None else self.bank
+
+
 def _pretrain(out: Path, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
               cache_dir, resume: bool, tabular_columns, progress: bool, on_step, log) -> Path:
+    main = is_main_process()
+    say = log if main else (lambda *_: None)
+    run = _setup(out, device, manifest_path, model_spec, spec, preprocess, cache_dir, resume, tabular_columns,
+                 progress, say)
+    for epoch in range(run.start_epoch, spec.epochs):
+        sums, n_batches, wait, seconds = train_one_epoch(run, epoch, progress and main, on_step)
+        if spec.bank in ("kmeans", "batch") and (epoch + 1) % spec.bank_refresh_every == 0:
+            run.bank = run.rebuild_kmeans_bank()
+        row = {"epoch": epoch + 1, "step": run.step_count, "lr": run.optimizer.param_groups[0]["lr"],
+               **{f"train_{k}": all_reduce_mean(torch.tensor(v / max(n_batches, 1))).item() for k, v in sums.items()},
+               "clip_temperature": run.model.clip_temperature().item(),
+               "nw_temperature": run.model.nw_temperature().item()}
+        row.update(evaluate(run))
+        support = run.support_bank()
+        row["bank_size"] = len(support) if support is not None else 0
+        row["epoch_seconds"] = time.perf_counter() - seconds
+        row["data_wait_share"] = wait / max(row["epoch_seconds"], 1e-9)
+        run.history.append(to_jsonable(row))
+        improved = select_epoch(run.best, row)
+        if main:
+            say(f"[pretrain] {spec.method} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} "
+                f"val concept AUROC {row.get('val_concept_auroc', math.nan):.3f} "
+                f"mAP {row.get('val_concept_map', math.nan):.3f} ({row['epoch_seconds']:.0f} s)")
+            save_epoch(run, epoch, improved)
+        barrier()
+    if main:
+        _write_run_json(out, run.config, "complete", run.best, run.history, time.perf_counter() - run.started,
+                        run.fingerprint)
+        say(f"[pretrain] {spec.method}: best epoch {run.best['epoch']} (val concept mAP {run.best['concept_map']:.3f}); "
+            f"encoder: {out / 'encoder.pt'}")
+    barrier()
+    return out
+
+
+def _setup(out: Path, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
+           cache_dir, resume: bool, tabular_columns, progress: bool, say) -> _Run:
+    """Data, model, optimiser and (on ``resume``) the state of the last complete epoch, in the order that keeps
+    every random draw where a straight run makes it."""
     model_spec = effective_model_spec(model_spec, spec)
-    manifest_file = load_manifest(manifest_path)
-    config = run_config(model_spec, spec, preprocess, manifest_file.attrs["path"], tabular_columns)
-    fingerprint = cohort_fingerprint(manifest_file)
+    manifest = load_manifest(manifest_path)
+    config = run_config(model_spec, spec, preprocess, manifest.attrs["path"], tabular_columns)
+    fingerprint = cohort_fingerprint(manifest)
     resumed = _prepare_run_dir(out, config, resume, fingerprint)
     barrier()
     out.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
-    say = log if main else (lambda *_: None)
     _seed_everything(spec.seed)
     cuda = device.type == "cuda"
 
-    manifest = manifest_file
     split = manifest["split"].astype(str)
     train_rows = np.flatnonzero(split.isin(TRAINING_SPLITS).to_numpy())
     val_rows = np.flatnonzero((split == "val").to_numpy())
@@ -354,8 +358,7 @@ def _pretrain(out: Path, device, manifest_path, model_spec: ModelSpec, spec: Pre
     cache = PreprocessCache(Path(cache_dir) if cache_dir else out.parent / "cache", preprocess)
     augment = AugmentSpec() if spec.augment else None
     train_ds = CohortDataset(manifest, train_rows, cache, tabular, augment, spec.seed, spec.in_memory)
-    plain_ds = CohortDataset(manifest, train_rows, cache, tabular, None, spec.seed, spec.in_memory)
-    plain_ds._images = train_ds._images  # the same volumes in RAM, never loaded twice
+    plain_ds = train_ds.view(augment=None)  # the same volumes in RAM, never loaded twice
     val_ds = CohortDataset(manifest, val_rows, cache, tabular, None, spec.seed, spec.in_memory)
     shard = lambda n: range(rank(), n, world_size())  # noqa: E731 - each rank prepares its share of the cache
     train_ds.warm(shard(len(train_ds)) if not spec.in_memory else None, progress and main, "preprocessing training CTs")
@@ -378,170 +381,153 @@ def _pretrain(out: Path, device, manifest_path, model_spec: ModelSpec, spec: Pre
                                                                      T_mult=spec.restart_mult, eta_min=spec.min_lr)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and spec.bf16) else \
         (lambda: torch.autocast("cpu", enabled=False))
-
     sampler = DistributedSampler(train_ds, num_replicas=world_size(), rank=rank(), shuffle=True, seed=spec.seed,
                                  drop_last=True)
     loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers,
                         drop_last=True, pin_memory=cuda, persistent_workers=False,
                         generator=torch.Generator().manual_seed(spec.seed))
-    embed_train = _Embedder(plain_ds, max(spec.batch_size, 16), device, spec.num_workers)
-    embed_val = _Embedder(val_ds, max(spec.batch_size, 16), device, spec.num_workers)
-
-    queue = QueueBank(spec.queue_size, model_spec.proj_dim, len(CONCEPT_NAMES), device) if spec.bank == "queue" else None
-    bank: SupportBank | None = None
-    history: list[dict] = []
-    best = {"epoch": None, "concept_map": -math.inf}
-    start_epoch, step_count = 0, 0
+    run = _Run(out=out, spec=spec, model_spec=model_spec, preprocess=preprocess, config=config,
+               fingerprint=fingerprint, device=device, model=model, forward=forward, optimizer=optimizer,
+               scheduler=scheduler, autocast=autocast, pre=pre, train_rows=train_rows, train_ds=train_ds,
+               plain_ds=plain_ds, val_ds=val_ds, sampler=sampler, loader=loader,
+               embed_train=_Embedder(plain_ds, max(spec.batch_size, 16), device, spec.num_workers),
+               embed_val=_Embedder(val_ds, max(spec.batch_size, 16), device, spec.num_workers),
+               queue=QueueBank(spec.queue_size, model_spec.proj_dim, len(CONCEPT_NAMES), device)
+               if spec.bank == "queue" else None,
+               history=[], best={"epoch": None, "concept_map": -math.inf})
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        bank = SupportBank.from_state_dict(resumed["bank"], device) if resumed.get("bank") else None
-        if queue is not None:
-            queue.load_state_dict(resumed["queue"])
-        history, best = resumed["history"], resumed["best"]
-        start_epoch, step_count = int(resumed["epoch"]), int(resumed["step"])
+        run.bank = SupportBank.from_state_dict(resumed["bank"], device) if resumed.get("bank") else None
+        if run.queue is not None:
+            run.queue.load_state_dict(resumed["queue"])
+        run.history, run.best = resumed["history"], resumed["best"]
+        run.start_epoch, run.step_count = int(resumed["epoch"]), int(resumed["step"])
         _set_rng_state(resumed["rng"])
-        say(f"[pretrain] resuming {out} at epoch {start_epoch + 1}/{spec.epochs}")
+        say(f"[pretrain] resuming {out} at epoch {run.start_epoch + 1}/{spec.epochs}")
+    if run.bank is None and spec.bank in ("kmeans", "batch"):
+        run.bank = run.rebuild_kmeans_bank()  # the paper builds its bank before the first epoch
+    run.started = time.perf_counter() - (float(resumed.get("wall_time_s", 0.0)) if resumed else 0.0)
+    return run
 
-    def rebuild_kmeans_bank() -> SupportBank:
-        embedded = embed_train(model, spec.nw_query, autocast)
-        return build_kmeans_bank(embedded["query"], embedded["concepts"], embedded["index"],
-                                 spec.bank_k_per_concept, spec.seed)
 
-    if bank is None and spec.bank in ("kmeans", "batch"):
-        bank = rebuild_kmeans_bank()  # the paper builds its bank before the first epoch
+def train_one_epoch(run: _Run, epoch: int, progress: bool, on_step=None) -> tuple[dict, int, float, float]:
+    """One pass over the training patients: the objective of :func:`xcardia.losses.pretraining_loss` on every
+    batch, the bank chosen per step by :func:`xcardia.support_bank.step_support`. Returns the summed losses, the
+    number of batches, the seconds spent waiting for data and the epoch's start time."""
     from tqdm.auto import tqdm
 
-    started = time.perf_counter() - (float(resumed.get("wall_time_s", 0.0)) if resumed else 0.0)
-    for epoch in range(start_epoch, spec.epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        sums = {"loss": 0.0, "clip": 0.0, "nw": 0.0}
-        n_batches, wait, t_epoch = 0, 0.0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not (progress and main), leave=False)
+    spec, model, device = run.spec, run.model, run.device
+    model.train()
+    run.sampler.set_epoch(epoch)
+    run.train_ds.set_epoch(epoch)
+    support_for = step_support(spec.bank, run.bank, run.queue)
+    sums = {"loss": 0.0, "clip": 0.0, "nw": 0.0}
+    n_batches, wait, t_epoch = 0, 0.0, time.perf_counter()
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
+    t_ready = time.perf_counter()
+    for step, batch in enumerate(bar):
+        wait += time.perf_counter() - t_ready
+        image = batch["image"].to(device, non_blocking=True)
+        if run.cuda and spec.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        values, missing = batch["tab_values"].to(device), batch["tab_missing"].to(device)
+        concepts = batch["concepts"].to(device)
+        if spec.scarf_rate > 0:
+            g = torch.Generator(device=values.device).manual_seed(spec.seed * 1_000_003 + run.step_count)
+            values, missing = scarf_corrupt(values, missing, spec.scarf_rate, g)
+        with run.autocast():
+            e_img, e_tab = run.forward(image, values, missing)
+        loss, parts = pretraining_loss(e_img.float(), e_tab.float(), concepts, model.clip_temperature(),
+                                       model.nw_temperature(), spec.clip_weight, spec.nw_weight, spec.nw_query,
+                                       support_for, spec.nw_kernel)
+        for key in ("clip", "nw"):
+            if key in parts:
+                sums[key] += parts[key].item()
+        if run.queue is not None and "query" in parts:
+            run.queue.enqueue(parts["query"].detach(), concepts, batch["index"].to(device))
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        sums["loss"] += loss.item()
+        n_batches += 1
+        run.step_count += 1
+        if on_step is not None:
+            on_step(epoch, step)
         t_ready = time.perf_counter()
-        for step, batch in enumerate(bar):
-            wait += time.perf_counter() - t_ready
-            image = batch["image"].to(device, non_blocking=True)
-            if cuda and spec.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last_3d)
-            values, missing = batch["tab_values"].to(device), batch["tab_missing"].to(device)
-            concepts = batch["concepts"].to(device)
-            if spec.scarf_rate > 0:
-                g = torch.Generator(device=values.device).manual_seed(spec.seed * 1_000_003 + step_count)
-                values, missing = scarf_corrupt(values, missing, spec.scarf_rate, g)
-            with autocast():
-                e_img, e_tab = forward(image, values, missing)
-            e_img, e_tab = e_img.float(), e_tab.float()
-            loss = torch.zeros((), device=device)
-            if spec.clip_weight:
-                l_clip = clip_loss(e_img, e_tab, model.clip_temperature())
-                loss = loss + spec.clip_weight * l_clip
-                sums["clip"] += l_clip.item()
-            if spec.nw_weight:
-                query = XCardiaModel.nw_query(e_img, e_tab, spec.nw_query)
-                exclude = None
-                if spec.bank == "kmeans":
-                    support, targets = bank.embeddings, bank.targets
-                elif spec.bank == "queue":
-                    current = queue.bank()
-                    support, targets = (current.embeddings, current.targets) if len(current) else (query, concepts)
-                    exclude = None if len(current) else torch.eye(len(query), dtype=torch.bool, device=device)
-                else:
-                    support, targets = query, concepts
-                    exclude = torch.eye(len(query), dtype=torch.bool, device=device)
-                prediction, _ = nw_predict(query, support, targets, model.nw_temperature(), spec.nw_kernel,
-                                           exclude=exclude)
-                l_nw = masked_bce(prediction, concepts)
-                loss = loss + spec.nw_weight * l_nw
-                sums["nw"] += l_nw.item()
-                if queue is not None:
-                    queue.enqueue(query.detach(), concepts, batch["index"].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums["loss"] += loss.item()
-            n_batches += 1
-            step_count += 1
-            if on_step is not None:
-                on_step(epoch, step)
-            t_ready = time.perf_counter()
-        bar.close()
-        scheduler.step()
-        if spec.bank in ("kmeans", "batch") and (epoch + 1) % spec.bank_refresh_every == 0:
-            bank = rebuild_kmeans_bank()
+    bar.close()
+    run.scheduler.step()
+    return sums, n_batches, wait, t_epoch
 
-        # validation: NW concept predictions from the current bank, and the CLIP loss on val batches
-        row = {"epoch": epoch + 1, "step": step_count, "lr": optimizer.param_groups[0]["lr"],
-               **{f"train_{k}": all_reduce_mean(torch.tensor(v / max(n_batches, 1))).item() for k, v in sums.items()},
-               "clip_temperature": model.clip_temperature().item(), "nw_temperature": model.nw_temperature().item()}
-        if len(val_ds):
-            val = embed_val(model, spec.nw_query, autocast)
-            support_bank = queue.bank() if queue is not None else bank
-            order = gather_no_grad(val["index"]).cpu().numpy()  # a padded sampler repeats some patients: drop them
-            keep = torch.as_tensor(np.unique(order, return_index=True)[1], device=device)
-            q_all = gather_no_grad(val["query"])[keep]
-            c_all = gather_no_grad(val["concepts"])[keep]
-            with torch.no_grad():
-                pred, _ = nw_predict(q_all, support_bank.embeddings, support_bank.targets, model.nw_temperature(),
-                                     spec.nw_kernel)
-                img_all, tab_all = gather_no_grad(val["image"])[keep], gather_no_grad(val["tabular"])[keep]
-                n = img_all.shape[0] // spec.batch_size * spec.batch_size
-                val_clip = [float(clip_loss(img_all[i:i + spec.batch_size], tab_all[i:i + spec.batch_size],
-                                            model.clip_temperature())) for i in range(0, n, spec.batch_size)]
-            row.update({f"val_{k}": v for k, v in concept_metrics(pred.cpu().numpy(), c_all.cpu().numpy()).items()})
-            row["val_clip"] = float(np.mean(val_clip)) if val_clip else math.nan
-            # the same support patients represented by their CT alone: does the encoder carry the NW score?
-            image_support = _image_embeddings_of(model, plain_ds, train_rows, support_bank, device, autocast)
-            if image_support is not None:
-                with torch.no_grad():
-                    pred_img, _ = nw_predict(torch.nn.functional.normalize(img_all, dim=-1), image_support[0],
-                                             image_support[1], model.nw_temperature(), spec.nw_kernel)
-                image_metrics = concept_metrics(pred_img.cpu().numpy(), c_all.cpu().numpy())
-                row["val_image_query_concept_auroc"] = image_metrics["concept_auroc"]
-                row["val_image_query_concept_map"] = image_metrics["concept_map"]
-        row["bank_size"] = len(queue.bank()) if queue is not None else len(bank) if bank is not None else 0
-        row["epoch_seconds"] = time.perf_counter() - t_epoch
-        row["data_wait_share"] = wait / max(row["epoch_seconds"], 1e-9)
-        history.append(to_jsonable(row))
-        score = row.get("val_concept_map", math.nan)
-        improved = (best["epoch"] is None) or (not math.isnan(score) and score > best["concept_map"])
-        if improved:
-            best = {"epoch": epoch + 1, "concept_map": score if not math.isnan(score) else -math.inf}
-        if main:
-            say(f"[pretrain] {spec.method} epoch {epoch + 1}/{spec.epochs}: loss {row['train_loss']:.4f} "
-                f"val concept AUROC {row.get('val_concept_auroc', math.nan):.3f} mAP {score:.3f} "
-                f"({row['epoch_seconds']:.0f} s)")
-            meta = {"method": spec.method, "variant": spec.variant, "epoch": epoch + 1,
-                    "val_concept_map": row.get("val_concept_map"), "selection": "best validation concept mAP",
-                    "model": model_spec.to_dict(), "preprocess": preprocess.key(), "xcardia_version": __version__,
-                    "run": str(out.resolve())}
-            if improved:  # the whole selection, so every later analysis uses one epoch (issue 11.5)
-                save_encoder(out / "encoder.pt", model.image_encoder, meta)
-                selected = {"model": model.state_dict(), "tabular": pre.state_dict(), "epoch": epoch + 1,
-                            "bank": support_bank_state(bank, queue), "config": config, "metrics": history[-1],
-                            "xcardia_version": __version__}
-                _write_atomic(out / SELECTED_FILE, lambda p: torch.save(selected, p))
-            save_encoder(out / "encoder_last.pt", model.image_encoder, {**meta, "selection": "last epoch"})
-            _write_logs(out, history)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step_count,
-                     "rng": _rng_state(), "bank": bank.state_dict() if bank is not None else None,
-                     "queue": queue.state_dict() if queue is not None else None, "tabular": pre.state_dict(),
-                     "history": history, "best": best, "config": config, "cohort": fingerprint,
-                     "wall_time_s": time.perf_counter() - started, "xcardia_version": __version__}
-            _write_atomic(out / "checkpoint.pt", lambda p: torch.save(state, p))
-            _write_run_json(out, config, "running", best, history, time.perf_counter() - started, fingerprint)
-        barrier()
 
-    if main:
-        _write_run_json(out, config, "complete", best, history, time.perf_counter() - started, fingerprint)
-        say(f"[pretrain] {spec.method}: best epoch {best['epoch']} (val concept mAP {best['concept_map']:.3f}); "
-            f"encoder: {out / 'encoder.pt'}")
-    barrier()
-    return out
+@torch.no_grad()
+def evaluate(run: _Run) -> dict:
+    """Validation of the current model: NW concept predictions of the validation patients from the current support
+    (AUROC, mAP, ECE per concept and mean), the same with the image-only query against the bank's patients
+    represented by their CT alone, and the CLIP loss on validation batches. Empty without validation patients."""
+    spec, model, device = run.spec, run.model, run.device
+    if not len(run.val_ds):
+        return {}
+    val = run.embed_val(model, spec.nw_query, run.autocast)
+    support_bank = run.support_bank()
+    order = gather_no_grad(val["index"]).cpu().numpy()  # a padded sampler repeats some patients: drop them
+    keep = torch.as_tensor(np.unique(order, return_index=True)[1], device=device)
+    q_all = gather_no_grad(val["query"])[keep]
+    c_all = gather_no_grad(val["concepts"])[keep]
+    pred, _ = nw_predict(q_all, support_bank.embeddings, support_bank.targets, model.nw_temperature(), spec.nw_kernel)
+    img_all, tab_all = gather_no_grad(val["image"])[keep], gather_no_grad(val["tabular"])[keep]
+    n = img_all.shape[0] // spec.batch_size * spec.batch_size
+    val_clip = [float(clip_loss(img_all[i:i + spec.batch_size], tab_all[i:i + spec.batch_size],
+                                model.clip_temperature())) for i in range(0, n, spec.batch_size)]
+    row = {f"val_{k}": v for k, v in concept_metrics(pred.cpu().numpy(), c_all.cpu().numpy()).items()}
+    row["val_clip"] = float(np.mean(val_clip)) if val_clip else math.nan
+    # the same support patients represented by their CT alone: does the encoder carry the NW score?
+    image_support = _image_embeddings_of(model, run.plain_ds, run.train_rows, support_bank, device, run.autocast)
+    if image_support is not None:
+        pred_img, _ = nw_predict(torch.nn.functional.normalize(img_all, dim=-1), image_support[0], image_support[1],
+                                 model.nw_temperature(), spec.nw_kernel)
+        image_metrics = concept_metrics(pred_img.cpu().numpy(), c_all.cpu().numpy())
+        row["val_image_query_concept_auroc"] = image_metrics["concept_auroc"]
+        row["val_image_query_concept_map"] = image_metrics["concept_map"]
+    return row
+
+
+def select_epoch(best: dict, row: dict) -> bool:
+    """The paper's selection rule, updated in place: the epoch with the best validation concept mAP (the first
+    epoch is kept when no score is finite). Returns whether this epoch is the new selection."""
+    score = row.get("val_concept_map", math.nan)
+    improved = (best["epoch"] is None) or (not math.isnan(score) and score > best["concept_map"])
+    if improved:
+        best.update(epoch=row["epoch"], concept_map=score if not math.isnan(score) else -math.inf)
+    return improved
+
+
+def save_epoch(run: _Run, epoch: int, improved: bool) -> None:
+    """Rank 0's files after an epoch, each written atomically: the selection whole (``selected.pt``) and its
+    encoder (``encoder.pt``) when this epoch is selected, the last encoder, the logs, the checkpoint, ``run.json``."""
+    spec, model, out = run.spec, run.model, run.out
+    meta = {"method": spec.method, "variant": spec.variant, "epoch": epoch + 1,
+            "val_concept_map": run.history[-1].get("val_concept_map"), "selection": "best validation concept mAP",
+            "model": run.model_spec.to_dict(), "preprocess": run.preprocess.key(), "xcardia_version": __version__,
+            "run": str(out.resolve())}
+    if improved:  # the whole selection, so every later analysis uses one epoch (issue 11.5)
+        save_encoder(out / "encoder.pt", model.image_encoder, meta)
+        selected = {"model": model.state_dict(), "tabular": run.pre.state_dict(), "epoch": epoch + 1,
+                    "bank": support_bank_state(run.bank, run.queue), "config": run.config,
+                    "metrics": run.history[-1], "xcardia_version": __version__}
+        _write_atomic(out / SELECTED_FILE, lambda p: torch.save(selected, p))
+    save_encoder(out / "encoder_last.pt", model.image_encoder, {**meta, "selection": "last epoch"})
+    _write_logs(out, run.history)
+    state = {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step_count,
+             "rng": _rng_state(), "bank": run.bank.state_dict() if run.bank is not None else None,
+             "queue": run.queue.state_dict() if run.queue is not None else None, "tabular": run.pre.state_dict(),
+             "history": run.history, "best": run.best, "config": run.config, "cohort": run.fingerprint,
+             "wall_time_s": time.perf_counter() - run.started, "xcardia_version": __version__}
+    _write_atomic(out / "checkpoint.pt", lambda p: torch.save(state, p))
+    _write_run_json(out, run.config, "running", run.best, run.history, time.perf_counter() - run.started,
+                    run.fingerprint)
 
 
 SELECTED_FILE = "selected.pt"
@@ -639,7 +625,7 @@ def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, 
                     progress=progress, log=log)
 
 
-def pretraining_selection_table(runs: dict) -> "pd.DataFrame":
+def pretraining_selection_table(runs: dict):
     """Per run: the epoch the paper's rule selected (as ``run.json`` records it — never recomputed), its fused and
     image-only validation concept AUROC, the same at the last epoch, and the final NW τ."""
     import pandas as pd

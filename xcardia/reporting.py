@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from xcardia.cohort.schema import LABEL_SHORT, LABELS
+from xcardia.schema import LABEL_SHORT, LABELS
 from xcardia.metrics import (
     bootstrap_auroc_ci,
     bootstrap_macro_auroc_ci,

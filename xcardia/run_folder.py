@@ -77,7 +77,7 @@ def cohort_fingerprint(manifest) -> dict:
     ``attrs["path"]``): the file's bytes, and the parts a change of which :func:`describe_cohort_change` names."""
     import pandas as pd
 
-    from xcardia.cohort.schema import LABELS
+    from xcardia.schema import LABELS
 
     path = Path(manifest.attrs["path"])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -105,3 +105,35 @@ def describe_cohort_change(before: dict | None, after: dict) -> str | None:
     if before.get("labels_sha256") != after.get("labels_sha256"):
         parts.append("labels changed")
     return ", ".join(parts) or "other cells of the manifest changed"
+
+
+def refuse_input_paths(target: str | os.PathLike, manifest, what: str) -> None:
+    """Refuse to write ``target`` (an output file or folder) where it would overwrite or pollute the inputs: the
+    manifest itself, a CT or label map it references, or anything inside a folder that holds its images.
+
+    Raises:
+        XcardiaError: naming the input that would be hit.
+    """
+    from xcardia.data.manifest import resolve_ct_path
+
+    t = Path(target).resolve()
+    manifest_path = Path(manifest.attrs["path"]).resolve()
+    root = manifest_path.parent
+    if t == manifest_path:
+        raise XcardiaError(f"{what} {target} is the manifest itself; write it elsewhere (nothing was written)")
+    image_dirs, images = set(), set()
+    for column in ("ct_path", "labelmap_path"):
+        if column not in manifest:
+            continue
+        for value in manifest[column].dropna():
+            p = resolve_ct_path(manifest, str(value)).resolve()
+            images.add(p)
+            folder = p if p.is_dir() else p.parent
+            if folder != root:
+                image_dirs.add(folder)
+    if t in images:
+        raise XcardiaError(f"{what} {target} is one of the cohort's images; write it elsewhere (nothing was written)")
+    for folder in image_dirs:
+        if t == folder or folder in t.parents:
+            raise XcardiaError(f"{what} {target} is inside the cohort's image folder {folder}; write it elsewhere "
+                               f"(nothing was written)")

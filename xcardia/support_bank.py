@@ -160,3 +160,19 @@ def batch_bank(embeddings: torch.Tensor, targets: torch.Tensor) -> tuple[Support
     n = embeddings.shape[0]
     exclude = torch.eye(n, dtype=torch.bool, device=embeddings.device)
     return SupportBank(embeddings, targets, torch.arange(n, device=embeddings.device)), exclude
+
+
+def step_support(kind: str, bank: SupportBank | None, queue: QueueBank | None):
+    """The support one training step uses, as a function of its query: ``(query, concepts) → (support, targets,
+    exclude)``. ``kmeans``: the current exemplar bank; ``queue``: the queue (the batch itself, each query left out,
+    while the queue is still empty); ``batch``: the batch, each query left out of its own support."""
+    def support_for(query: torch.Tensor, concepts: torch.Tensor):
+        if kind == "kmeans":
+            return bank.embeddings, bank.targets, None
+        if kind == "queue":
+            current = queue.bank()
+            if len(current):
+                return current.embeddings, current.targets, None
+        own, exclude = batch_bank(query, concepts)
+        return own.embeddings, own.targets, exclude
+    return support_for

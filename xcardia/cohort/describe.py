@@ -12,11 +12,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from xcardia.cohort.generate import COMPLETE_MARKER, CohortSpec
+from xcardia.cohort.generate import CohortSpec
+from xcardia.data.manifest import COMPLETE_MARKER
 from xcardia.cohort.measure import ct_measurements
 from xcardia.cohort.physiology import patient_index, sample_patient
 from xcardia.cohort.render import HEART_LABELS, STRUCTURES, RenderedCT, render_ct
-from xcardia.cohort.schema import COLUMN_BY_NAME, ECHONEXT_PREVALENCE, LABEL_SHORT, LABELS, SPLITS, columns_in_group
+from xcardia.schema import COLUMN_BY_NAME, ECHONEXT_PREVALENCE, LABEL_SHORT, LABELS, SPLITS, columns_in_group
 from xcardia.data.manifest import resolve_ct_path
 
 
@@ -175,7 +176,7 @@ def tabular_concept_auroc(manifest: pd.DataFrame, column_sets: dict[str, tuple[s
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from xcardia.cohort.schema import CONCEPTS
+    from xcardia.schema import CONCEPTS
     from xcardia.models.tabular_encoder import TabularPreprocessor
 
     split = manifest["split"].astype(str)

@@ -24,11 +24,10 @@ from xcardia import __version__
 from xcardia.errors import XcardiaError
 from xcardia.cohort.physiology import sample_patient
 from xcardia.cohort.render import RenderSpec, render_ct
-from xcardia.cohort.schema import COLUMNS, GT_COLUMNS, SPLITS
+from xcardia.data.manifest import COMPLETE_MARKER, PARTIAL_MARKER, manifest_file
+from xcardia.schema import COLUMNS, GT_COLUMNS, SPLITS
 
 GENERATOR_VERSION = "2.0"
-COMPLETE_MARKER = "cohort.json"
-PARTIAL_MARKER = ".generating.json"
 
 
 class CohortError(XcardiaError):
@@ -94,7 +93,7 @@ def assign_splits(n_patients: int, seed: int, fractions: tuple[float, ...]) -> l
 
 
 def manifest_columns(write_labelmap: bool) -> list[str]:
-    cols = [c.name for c in COLUMNS if c.name != "labelmap_path" or write_labelmap]
+    cols = [c.name for c in COLUMNS if (c.name != "labelmap_path" or write_labelmap) and c.group != "image"]
     return cols + [c.name for c in GT_COLUMNS]
 
 
@@ -234,3 +233,18 @@ def regenerate_command(spec: CohortSpec, out: Path) -> str:
     if not spec.write_labelmap:
         cmd += " --no-labelmap"
     return cmd
+
+
+def prepare_cohort(profile, data: str | os.PathLike | None, output_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """The manifest a notebook or command should use.
+
+    Args:
+        profile: a :class:`xcardia.config.Profile`.
+        data: a real (or previously generated) manifest or cohort folder; None generates the profile's synthetic
+            cohort under ``output_dir/cohort`` (or reuses it when it is already there and complete).
+        output_dir: the reproduction's output folder.
+        progress: show generation progress.
+    """
+    if data is not None:
+        return manifest_file(data)
+    return generate_cohort(Path(output_dir) / "cohort", profile.cohort, workers=profile.generate_workers, progress=progress)

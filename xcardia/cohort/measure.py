@@ -12,7 +12,7 @@ import pandas as pd
 from scipy.ndimage import distance_transform_edt
 
 from xcardia.cohort.render import HEART_LABELS, STRUCTURES
-from xcardia.cohort.schema import LABELS
+from xcardia.schema import LABELS
 
 #: Measurements a reader could take on a non-contrast CT with a perfect segmentation.
 CT_MEASUREMENTS: dict[str, str] = {

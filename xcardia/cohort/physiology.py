@@ -3,7 +3,7 @@
 A patient is fully determined by ``(seed, index)``: :func:`sample_patient` draws from its own random stream
 (``numpy.random.default_rng([seed, index, 0])``), whatever order or process generates it.
 
-The causal story (DESIGN §3): demographics → disease processes with severities → true cardiac geometry and
+The causal story (docs/method.md §1): demographics → disease processes with severities → true cardiac geometry and
 pressures → echo *measurements* of that truth, with inter-observer error → labels and concepts from the
 measurements by their guideline thresholds. The CT (``render.py``) is drawn from the *true* geometry, at a random
 cardiac phase, so labels are never a deterministic function of the image.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xcardia.cohort import formulas
-from xcardia.cohort.schema import (
+from xcardia.schema import (
     CONCEPTS,
     EFFUSION_GRADES,
     LABELS,
@@ -50,6 +50,9 @@ ECHO_ERROR_SD = {
     # variability 6–7 points in Thavendiranathan et al., JACC 2013)
     "lvef_points": 5.0,
 }
+
+
+MIN_REPORTED_WALL_CM = 0.4
 
 
 def _sigmoid(x: float) -> float:
@@ -285,8 +288,9 @@ def sample_patient(seed: int, index: int) -> Patient:
     lvidd_m = lvidd_true + n(0.0, e["lv_diameter_cm"])
     lvids_m = lvids_true + n(0.0, e["lv_diameter_cm"])
     lvids_m = min(lvids_m, lvidd_m - 0.25)  # a systolic diameter is never reported above the diastolic one
-    ivsd_m = ivsd_true + n(0.0, e["wall_cm"])
-    lvpwd_m = lvpwd_true + n(0.0, e["wall_cm"])
+    # a reader never reports a wall thinner than ~0.4 cm (the validator's plausible range starts at 0.3 cm)
+    ivsd_m = max(ivsd_true + n(0.0, e["wall_cm"]), MIN_REPORTED_WALL_CM)
+    lvpwd_m = max(lvpwd_true + n(0.0, e["wall_cm"]), MIN_REPORTED_WALL_CM)
     la_diam_true = (6.0 * la_vol / math.pi) ** (1.0 / 3.0) * 0.78
     la_diam_m = la_diam_true + n(0.0, e["la_diameter_cm"])
     lavi_m = lavi * (1.0 + n(0.0, 0.12))

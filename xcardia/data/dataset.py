@@ -8,6 +8,8 @@ whatever the number of loader workers, and a resumed run sees exactly what an un
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import torch
 from monai.data import Dataset
 
-from xcardia.cohort.schema import CONCEPT_NAMES, LABELS
+from xcardia.schema import CONCEPT_NAMES, LABELS
 from xcardia.data.imaging import PreprocessCache
 from xcardia.data.manifest import resolve_ct_path
 
@@ -57,6 +59,9 @@ class CohortDataset(Dataset):
         super().__init__(data=[{"row": int(r)} for r in self.rows])
         self.manifest = manifest
         self.paths = [resolve_ct_path(manifest, manifest["ct_path"].iloc[int(r)]) for r in self.rows]
+        spacing = manifest["npy_spacing_mm"] if "npy_spacing_mm" in manifest else None  # .npy volumes' geometry
+        self.npy_spacing = [None if spacing is None or pd.isna(spacing.iloc[int(r)]) else float(spacing.iloc[int(r)])
+                            for r in self.rows]
         self.cache = cache
         self.tabular = tabular
         self.concepts = table_array(manifest, CONCEPT_NAMES)
@@ -68,6 +73,23 @@ class CohortDataset(Dataset):
         self._images: dict[int, np.ndarray] = {}
         self._augmenters = None
 
+    def view(self, augment: AugmentSpec | None = None) -> "CohortDataset":
+        """The same patients with other augmentation, sharing this dataset's volumes in RAM (never loaded twice)."""
+        other = copy.copy(self)
+        other.augment, other._augmenters = augment, None
+        return other  # ``_images`` is the same dict object: a volume loaded by either is there for both
+
+    @classmethod
+    def from_parts(cls, parts: list["CohortDataset"], rows=None) -> "CohortDataset":
+        """The patients of ``parts`` (all of them, or ``rows`` among them) as one dataset reusing their volumes in
+        RAM, without augmentation."""
+        first = parts[0]
+        by_row = {int(r): (part, i) for part in parts for i, r in enumerate(part.rows)}
+        rows = np.asarray(list(by_row) if rows is None else rows, dtype=np.int64)
+        out = cls(first.manifest, rows, first.cache, first.tabular, None, first.seed, in_memory=True)
+        out._images = {k: by_row[int(r)][0].image(by_row[int(r)][1]) for k, r in enumerate(rows)}
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -75,7 +97,7 @@ class CohortDataset(Dataset):
         """The preprocessed volume of item ``i`` (from RAM, the disk cache, or the original file once)."""
         if i in self._images:
             return self._images[i]
-        array = self.cache.load(self.paths[i])
+        array = self.cache.load(self.paths[i], self.npy_spacing[i])
         if self.in_memory:
             self._images[i] = array
         return array

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,43 @@ def read_header(path: str | os.PathLike) -> dict:
     return {"kind": kind, "shape": tuple(int(s) for s in shape), "spacing": tuple(float(z) for z in zooms[:3])}
 
 
+#: Plausible CT voxel spacing per axis (mm): below, a micro-CT or a header error; above, a scout or a header in cm.
+SPACING_RANGE_MM = (0.2, 10.0)
+#: Fewer slices than this along any axis is a localizer/scout or a fragment, not a chest CT series.
+MIN_SLICES = 16
+#: The resampled volume is refused above this many voxels before anything is allocated (512³).
+MAX_RESAMPLED_VOXELS = 512**3
+
+
+def geometry_problems(shape, spacing, spec: PreprocessSpec) -> list[tuple[str, str]]:
+    """``(severity, message)`` for a CT's geometry against the target: spacing outside the plausible range, too few
+    slices, a resampled size that cannot be allocated (errors), a field of view that leaves the target mostly
+    padding (warning). ``shape``/``spacing`` are per axis (spacing may be empty for ``.npy`` without one)."""
+    out = []
+    shape = [int(s) for s in shape if int(s) != 1][:3]
+    if shape and min(shape) < MIN_SLICES:
+        out.append(("error", f"only {min(shape)} voxels along one axis (shape {tuple(shape)}): a localizer/scout or "
+                             f"a partial series; export the full axial series (≥ {MIN_SLICES} slices)"))
+    spacing = [abs(float(z)) for z in spacing][:3]
+    if len(spacing) != 3 or not shape:
+        return out
+    lo, hi = SPACING_RANGE_MM
+    if any(not (lo <= z <= hi) for z in spacing):
+        out.append(("error", f"voxel spacing {tuple(round(z, 4) for z in spacing)} mm is outside {lo:g}–{hi:g} mm per "
+                             f"axis; the header is wrong (mm vs cm?) or this is not a clinical CT"))
+        return out
+    resampled = np.prod([n * z / spec.spacing_mm for n, z in zip(shape, spacing)])
+    if resampled > MAX_RESAMPLED_VOXELS:
+        out.append(("error", f"resampling to {spec.spacing_mm:g} mm would make {resampled:.3g} voxels (limit "
+                             f"{MAX_RESAMPLED_VOXELS:.3g}); check the spacing in the header"))
+    covered = np.prod([min(n * z, t * spec.spacing_mm) for n, z, t in zip(shape, spacing, spec.shape)])
+    target = np.prod([t * spec.spacing_mm for t in spec.shape])
+    if covered < 0.5 * target:
+        out.append(("warning", f"the scan covers {100 * covered / target:.0f} % of the {spec.shape} × "
+                               f"{spec.spacing_mm:g} mm target field of view; the rest is padding"))
+    return out
+
+
 def load_ct(path: str | os.PathLike, spec: PreprocessSpec):
     """Read a CT as a MONAI ``MetaTensor`` (1, X, Y, Z) in HU with its affine, and check it.
 
@@ -120,12 +157,17 @@ def load_ct(path: str | os.PathLike, spec: PreprocessSpec):
     from monai.transforms import LoadImage
 
     p = Path(path)
-    kind = read_header(p)["kind"]
+    header = read_header(p)
+    kind = header["kind"]
+    spacing = header["spacing"] if kind != "npy" else ((spec.npy_spacing_mm,) * 3 if spec.npy_spacing_mm else ())
+    for severity, message in geometry_problems(header["shape"], spacing, spec):
+        if severity == "error":
+            raise XcardiaError(f"{p}: {message}")
     try:
         if kind == "npy":
             if spec.npy_spacing_mm is None:
-                raise XcardiaError(f"{p}: a .npy volume carries no voxel spacing; set npy_spacing_mm "
-                                   f"(CLI: --npy-spacing MM; the paper's volumes are 2 mm)")
+                raise XcardiaError(f"{p}: a .npy volume carries no voxel spacing; add a manifest column "
+                                   f"npy_spacing_mm with its voxel size in mm (the paper's volumes are 2 mm)")
             arr = np.load(p).astype(np.float32)
             if arr.ndim == 4 and arr.shape[0] == 1:
                 arr = arr[0]
@@ -209,15 +251,17 @@ class PreprocessCache:
         k = self.key(path)
         return self.root / k[:2] / f"{k}.npy"
 
-    def load(self, path: str | os.PathLike) -> np.ndarray:
-        """The preprocessed volume, from the cache or computed and stored (atomically)."""
+    def load(self, path: str | os.PathLike, npy_spacing_mm: float | None = None) -> np.ndarray:
+        """The preprocessed volume, from the cache or computed and stored (atomically). ``npy_spacing_mm`` (the
+        manifest's ``npy_spacing_mm`` cell) gives a ``.npy`` volume its voxel size."""
         p = Path(path)
         if not p.exists():
             raise XcardiaError(f"{p} does not exist")
-        entry = self.entry(p)
+        cache = self if npy_spacing_mm is None else PreprocessCache(self.root, replace(self.spec, npy_spacing_mm=npy_spacing_mm))
+        entry = cache.entry(p)
         if entry.exists():
             return np.load(entry)
-        array = preprocess_ct(p, self.spec)
+        array = preprocess_ct(p, cache.spec)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, array)

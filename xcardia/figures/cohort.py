@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from xcardia.cohort.schema import COLUMN_BY_NAME, LABEL_SHORT
+from xcardia.schema import COLUMN_BY_NAME, LABEL_SHORT
 from xcardia.figures import radiological_slices, window_limits
 
 

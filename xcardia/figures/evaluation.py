@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from xcardia.cohort.schema import LABEL_SHORT, LABELS
+from xcardia.schema import LABEL_SHORT, LABELS
 
 INIT_COLOURS = {"scratch": "0.45", "clip": "tab:blue", "xcardia": "tab:red", "nw_only": "tab:green",
                 "xcardia_image_query": "tab:purple"}

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from xcardia.cohort.schema import CONCEPT_NAMES
+from xcardia.schema import CONCEPT_NAMES
 from xcardia.figures import radiological_slices, window_limits
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from xcardia.cohort.schema import (
+from xcardia.schema import (
     COLUMN_BY_NAME,
     CONCEPTS,
     EFFUSION_GRADES,

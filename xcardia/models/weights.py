@@ -89,7 +89,8 @@ def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise XcardiaError(f"{p}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+        raise XcardiaError(f"{p}: not a readable weights file ({type(exc).__name__}: {exc}); pass an encoder.pt "
+                           f"written by xcardia, a pretraining run folder, or 'scratch'") from None
     if not isinstance(payload, dict):
         raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint")
     if payload.get("format") == ENCODER_FORMAT:
@@ -99,6 +100,12 @@ def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
         state, metadata = payload["model"], {"source": "checkpoint", "epoch": payload.get("epoch")}
     else:
         raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint (no 'format' or 'model' entry)")
-    encoder = ImageEncoder(ImageEncoderSpec.from_dict(spec))
+    try:
+        encoder = ImageEncoder(ImageEncoderSpec.from_dict(spec))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise XcardiaError(f"{p}: the encoder file's architecture entry is malformed ({type(exc).__name__}: {exc}); "
+                           f"re-export it with xcardia or pass the pretraining run folder") from None
+    if not isinstance(state, dict):
+        raise XcardiaError(f"{p}: the encoder file holds no state_dict of tensors")
     load_encoder_state(encoder, state, source=str(p))
     return encoder, metadata

@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from xcardia.losses import LearnableTemperature
+from xcardia.losses import LearnableTemperature, nw_query
 from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec, ProjectionHead
 from xcardia.models.tabular_encoder import FeatureTokenTransformer, TabularMLP
 
@@ -96,8 +95,4 @@ class XCardiaModel(nn.Module):
     @staticmethod
     def nw_query(e_img: torch.Tensor, e_tab: torch.Tensor | None, mode: str) -> torch.Tensor:
         """The NW query: ``"fused"`` = normalize(e_img + e_tab) (paper), ``"image"`` = normalize(e_img)."""
-        if mode == "fused":
-            return F.normalize(e_img + e_tab, dim=1)
-        if mode == "image":
-            return F.normalize(e_img, dim=1)
-        raise ValueError(f"NW query must be 'fused' or 'image', got {mode!r}")
+        return nw_query(e_img, e_tab, mode)

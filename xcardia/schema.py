@@ -46,7 +46,7 @@ LABEL_SHORT: dict[str, str] = {
     "shd_flag": "SHD",
 }
 
-#: Label prevalences of the EchoNext training set (DESIGN §3), the realism target of the synthetic cohort.
+#: Label prevalences of the EchoNext training set, the realism target of the synthetic cohort (docs/method.md §1).
 ECHONEXT_PREVALENCE: dict[str, float] = {
     "lvef_lte_45_flag": 0.23,
     "lvwt_gte_13_flag": 0.24,
@@ -76,8 +76,8 @@ class Column:
 
     Attributes:
         name: column name, unit suffix included.
-        group: ``id``, ``demographics``, ``echo``, ``ecg``, ``label``, ``concept`` or ``gt`` (ground truth that no
-            real table has: never a model input).
+        group: ``id``, ``image`` (geometry a file lacks), ``demographics``, ``echo``, ``ecg``, ``label``,
+            ``concept`` or ``gt`` (ground truth that no real table has: never a model input).
         kind: ``float``, ``category``, ``flag`` (1/0/missing) or ``text``.
         unit: human-readable unit ("" for none).
         plausible: (low, high) outside which a value is physiologically impossible (a validation error).
@@ -112,6 +112,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("ct_path", "id", "text", "", "CT image path relative to the manifest: NIfTI file, DICOM series folder or .npy."),
     Column("labelmap_path", "id", "text", "", "Optional structure label map (synthetic cohort only)."),
     Column("split", "id", "category", "", "Patient-level split.", categories=SPLITS),
+    Column("npy_spacing_mm", "image", "float", "mm",
+           "Optional: isotropic voxel spacing of a .npy volume (it carries no geometry; the paper's are 2 mm). "
+           "Ignored for NIfTI and DICOM, whose headers give the spacing.", (0.2, 10.0)),
     # demographics
     Column("age_years", "demographics", "float", "years", "Age at CT.", (18, 110), None),
     Column("sex", "demographics", "category", "", "Sex.", categories=("M", "F")),
@@ -135,8 +138,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("lv_edv_ml", "echo", "float", "mL", "LV end-diastolic volume, Teichholz: 7/(2.4+D)·D³.", (20, 600), None),
     Column("lv_esv_ml", "echo", "float", "mL", "LV end-systolic volume, Teichholz.", (5, 500), None),
     Column("lv_mass_g", "echo", "float", "g",
-           "LV mass, ASE cube formula: 0.8·1.04·[(IVSd+LVIDd+LVPWd)³−LVIDd³]+0.6.", (40, 800), None),
-    Column("lv_mass_index_g_m2", "echo", "float", "g/m²", "LV mass / BSA.", (20, 400), (43, 115)),
+           "LV mass, ASE cube formula: 0.8·1.04·[(IVSd+LVIDd+LVPWd)³−LVIDd³]+0.6 (thin measured walls can give "
+           "~30 g).", (25, 1200), None),
+    Column("lv_mass_index_g_m2", "echo", "float", "g/m²", "LV mass / BSA.", (12, 600), (43, 115)),
     # ECHO: atria, diastolic function
     Column("la_diameter_cm", "echo", "float", "cm", "LA anteroposterior diameter.", (1.5, 9.0), (2.7, 4.0),
            unit_mistakes=_MM_IN_CM),

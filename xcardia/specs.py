@@ -1,0 +1,113 @@
+"""The hyper-parameters of pretraining and of downstream evaluation: plain frozen dataclasses, a leaf module so that
+configuration (:mod:`xcardia.config`) imports no engine. Runtime switches (workers, ``compile``, activation
+checkpointing) sit beside the hyper-parameters but may change on ``--resume`` (``RESUMABLE_DIFFERENCES``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from xcardia.errors import XcardiaError
+
+METHODS = ("clip", "xcardia", "nw_only")
+VARIANTS = ("paper", "fixed")
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Pretraining hyper-parameters (defaults: the public code's).
+
+    Attributes:
+        method: ``clip``, ``xcardia`` or ``nw_only``.
+        variant: ``paper`` or ``fixed`` (see the module docstring); applied by :func:`apply_variant`.
+        epochs, batch_size, lr, weight_decay: paper: 80, 8 per GPU, 1e-4, 1e-5 (AdamW).
+        restart_period, restart_mult, min_lr: cosine annealing with warm restarts (paper: 10, 2, 1e-6).
+        lambda_nw: weight of the NW loss (paper: 0.5).
+        nw_query: ``fused`` (paper) or ``image``.
+        nw_kernel: ``cosine`` (paper) or ``euclidean``.
+        bank: ``kmeans`` (paper), ``queue`` or ``batch``.
+        bank_k_per_concept, bank_refresh_every: paper: 5 exemplars per concept, rebuilt every 5 epochs.
+        queue_size: capacity of the queue bank.
+        tabular_missing: ``token`` (learned missing tokens) or ``knn`` (the paper's imputation).
+        scarf_rate: share of tabular features corrupted per row (0 = off).
+        augment: small affine and noise augmentation of the CT (off, as the public code's default).
+        num_workers: data loader processes.
+        in_memory: keep preprocessed CTs in RAM (CPU-sized profiles).
+        bf16, channels_last, activation_checkpointing, compile: GPU options (ignored on CPU).
+        seed: everything random (initialisation, order, augmentation, k-means).
+    """
+
+    method: str = "xcardia"
+    variant: str = "fixed"
+    epochs: int = 80
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    restart_period: int = 10
+    restart_mult: int = 2
+    min_lr: float = 1e-6
+    lambda_nw: float = 0.5
+    nw_query: str = "fused"
+    nw_kernel: str = "cosine"
+    bank: str = "kmeans"
+    bank_k_per_concept: int = 5
+    bank_refresh_every: int = 5
+    queue_size: int = 4096
+    tabular_missing: str = "token"
+    scarf_rate: float = 0.0
+    augment: bool = False
+    num_workers: int = 0
+    in_memory: bool = False
+    bf16: bool = False
+    channels_last: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise XcardiaError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.variant not in VARIANTS:
+            raise XcardiaError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        for name, allowed in (("nw_query", ("fused", "image")), ("nw_kernel", ("cosine", "euclidean")),
+                              ("bank", ("kmeans", "queue", "batch")), ("tabular_missing", ("token", "knn"))):
+            if getattr(self, name) not in allowed:
+                raise XcardiaError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise XcardiaError("epochs must be ≥ 1 and batch_size ≥ 2 (CLIP needs negatives)")
+
+    @property
+    def clip_weight(self) -> float:
+        return 0.0 if self.method == "nw_only" else 1.0
+
+    @property
+    def nw_weight(self) -> float:
+        return 0.0 if self.method == "clip" else self.lambda_nw
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Downstream settings (fixed before any result was seen, identical for every init)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    max_epochs: int = 30
+    patience: int = 5
+    kshot_epochs: int = 40
+    scratch_all_lr: float = 3e-4
+    scratch_all_max_epochs: int = 20
+    fractions: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
+    fraction_seeds: tuple[int, ...] = (123, 456, 789)
+    scratch_all_fractions: tuple[float, ...] = (1.0,)
+    scratch_all_seeds: tuple[int, ...] = (123,)
+    ks: tuple[int, ...] = (1, 5, 10, 25)
+    kshot_seeds: int = 10
+    kshot_protocols: tuple[str, ...] = ("probe", "paper")
+    kshot_paper_ks: tuple[int, ...] = (1, 5, 10, 25)
+    probe_c: float = 1.0
+    n_boot: int = 1000
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
