@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 
-def write_dicom_series(folder: Path, n_slices: int = 12, slice_mm: float = 5.0) -> Path:
+def write_dicom_series(folder: Path, n_slices: int = 16, slice_mm: float = 5.0) -> Path:
     """A consistent axial series: CT_small.dcm (128×128, 0.66 mm pixels) repeated at increasing z positions."""
     import pydicom
     from pydicom.data import get_testdata_file

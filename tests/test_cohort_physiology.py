@@ -49,14 +49,16 @@ def test_teichholz_volume_by_hand():
     assert formulas.teichholz_volume(5.0) == pytest.approx(7 / 7.4 * 125)
 
 
-def test_ejection_fraction_is_teichholz_of_the_written_diameters(population):
-    df = population.dropna(subset=["lvidd_cm", "lvids_cm"])
+def test_ejection_fraction_is_a_measurement_of_its_own_not_teichholz_of_the_written_diameters(population):
+    """Generator 2.0 (issue 11): LVEF is measured from the true volumes with its own observer error (SD 5 points),
+    so it tracks the truth closely but is not a formula of the reported M-mode diameters."""
+    df = population.dropna(subset=["lvidd_cm", "lvids_cm", "lvef_percent"])
     edv = 7.0 / (2.4 + df["lvidd_cm"]) * df["lvidd_cm"] ** 3
     esv = 7.0 / (2.4 + df["lvids_cm"]) * df["lvids_cm"] ** 3
-    np.testing.assert_allclose(df["lvef_percent"], 100 * (edv - esv) / edv, atol=0.006)
-    np.testing.assert_allclose(df["lv_edv_ml"], edv, atol=0.006)
-    assert (population["lvef_percent"].isna() == (population["lvidd_cm"].isna() | population["lvids_cm"].isna())).all()
-
+    teichholz = 100 * (edv - esv) / edv
+    assert np.std(df["lvef_percent"] - teichholz) > 4.0
+    residual = df["lvef_percent"] - df["gt_lvef_percent"]
+    assert 4.0 < np.std(residual) < 6.0 and abs(np.mean(residual)) < 0.5
 
 def test_lv_mass_is_the_ase_cube_formula(population):
     df = population.dropna(subset=["ivsd_cm", "lvidd_cm", "lvpwd_cm"])

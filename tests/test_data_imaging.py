@@ -18,7 +18,7 @@ SPEC = PreprocessSpec(shape=(32, 32, 32), spacing_mm=4.0)
 
 def test_dicom_series_from_pydicom_test_files_is_read_and_preprocessed(tmp_path):
     series = write_dicom_series(tmp_path / "series")
-    assert read_header(series)["shape"] == (128, 128, 12)
+    assert read_header(series)["shape"] == (128, 128, 16)
     out = preprocess_ct(series, SPEC)
     assert out.shape == (32, 32, 32) and out.dtype == np.float32
     assert -1.0 <= out.min() < out.max() <= 1.0

@@ -149,3 +149,18 @@ def bank_exemplars(run_dir: str | os.PathLike, which: str = "selected") -> pd.Da
     frame = pd.DataFrame(bank.targets.numpy(), columns=list(CONCEPT_NAMES))
     frame.insert(0, "row", bank.indices.numpy())
     return frame.reset_index(drop=True)
+
+
+def one_batch(run_dir: str | os.PathLike, manifest: pd.DataFrame, n: int = 16, cache_dir=None, seed: int = 0,
+              which: str = "selected") -> tuple[XCardiaModel, dict]:
+    """A run's model at one epoch and ``n`` random training patients as one batch (``image``, ``tab_values``,
+    ``tab_missing``, ``concepts``): what notebook 02 pushes through the method by hand."""
+    run = Path(run_dir)
+    model, pre, config = load_run_model(run, which)
+    preprocess = PreprocessSpec(**{**config["preprocess"], "shape": tuple(config["preprocess"]["shape"]),
+                                   "hu_window": tuple(config["preprocess"]["hu_window"])})
+    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
+    train = np.flatnonzero(manifest["split"].astype(str).isin(("pretrain", "train")).to_numpy())
+    rows = np.sort(np.random.default_rng(seed).choice(train, size=min(n, len(train)), replace=False))
+    ds = CohortDataset(manifest, rows, cache, pre.transform(manifest), None, 0, in_memory=False)
+    return model, next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds), shuffle=False)))

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 
 from xcardia.schema import CONCEPT_NAMES
 from xcardia.figures import radiological_slices, window_limits
 
 
-def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log_y: bool = False):
-    """One panel per (log column, title), one line per run against the epoch."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log_y: bool = False, columns: int = 2):
+    """One panel per (log column, title), one line per run against the epoch; at most ``columns`` panels a row so
+    the figure reads at 100 % in a ~1,100 px notebook column."""
+    n_cols = min(len(panels), columns)
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.0 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (column, title) in zip(axes.flat, panels):
         for name, log in logs.items():
             if column in log and log[column].notna().any() and not (log[column] == 0).all():  # a loss a run never uses
@@ -21,6 +27,8 @@ def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.tick_params(labelsize=9)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -33,8 +41,32 @@ def plot_training_curves(logs: dict[str, pd.DataFrame]):
 
 
 def plot_temperatures(logs: dict[str, pd.DataFrame]):
-    """CLIP and NW temperatures per epoch (flat lines where they are fixed)."""
-    return _per_epoch(logs, [("clip_temperature", "clip temperature"), ("nw_temperature", "nw temperature")], log_y=True)
+    """CLIP and NW temperatures per epoch (flat lines where they are fixed), on a log axis with labelled ticks; runs
+    whose temperature is identical are drawn once, named together."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.0))
+    for ax, column, title in ((axes[0], "clip_temperature", "CLIP temperature τ"), (axes[1], "nw_temperature", "NW temperature τ")):
+        for name, log in _merge_identical(logs, column).items():
+            if column in log and log[column].notna().any():
+                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _merge_identical(logs: dict[str, pd.DataFrame], column: str) -> dict[str, pd.DataFrame]:
+    """Runs with the same curve of ``column`` under one joined name (three identical lines read as one)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, log in logs.items():
+        if column in log:
+            groups.setdefault(tuple(np.round(log[column].to_numpy(dtype=float), 6)), []).append(name)
+    return {" = ".join(names): logs[names[0]] for names in groups.values()}
 
 
 def plot_concept_metrics(logs: dict[str, pd.DataFrame]):
@@ -60,5 +92,38 @@ def plot_bank_exemplars(volumes: list[np.ndarray], concepts: pd.DataFrame, max_c
         ax.imshow(radiological_slices(volume, centre)["axial"], cmap="gray", vmin=lo, vmax=hi)
         abnormal = [short[c] for c in CONCEPT_NAMES if row[c] == 1]
         ax.set_title(", ".join(abnormal) or "none abnormal", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_clip_logits(logits: np.ndarray, loss: float, tau: float):
+    """One batch's CLIP similarity matrix (CT i against table j, divided by τ): the loss pushes the diagonal up."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.9))
+    image = ax.imshow(logits, cmap="viridis")
+    ax.set_xlabel("table j")
+    ax.set_ylabel("CT i")
+    ax.set_title(f"cos(e_img_i, e_tab_j) / τ  (τ = {tau:.3g}); CLIP loss {loss:.3f}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def plot_nw_weights(weights: dict[str, np.ndarray], max_queries: int = 3):
+    """NW weights of a few queries over the support bank at several temperatures: near-uniform at τ = 1 (every
+    exemplar counts the same, the prediction is the bank's prevalence), peaked at small τ. ``weights``: τ label →
+    (queries, S)."""
+    n = len(weights)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 2.8), sharey=True, squeeze=False)
+    for ax, (label, w) in zip(axes.flat, weights.items()):
+        support = np.arange(w.shape[1])
+        for q in range(min(max_queries, w.shape[0])):
+            ax.plot(support, w[q], marker=".", lw=0.8, label=f"query {q + 1}")
+        ax.axhline(1.0 / w.shape[1], color="0.6", ls="--", lw=0.8)
+        effective = float(np.mean(1.0 / (w ** 2).sum(axis=1)))
+        ax.set_title(f"{label}: effective supports {effective:.1f} of {w.shape[1]}", fontsize=9)
+        ax.set_xlabel("support exemplar")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.flat[0].set_ylabel("NW weight")
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
