@@ -28,7 +28,7 @@ def paper_cohort(tmp_path):
     """Four patients in the paper's column names: two NIfTI (RAS and LPS), one DICOM series, one .npy-free row."""
     write_phantom_nifti(tmp_path / "a.nii.gz", (2.0, 2.0, 2.0), (100, 90, 120))
     write_phantom_nifti(tmp_path / "b.nii.gz", (0.8, 0.8, 5.0), (260, 220, 48), "LPS")
-    write_dicom_series(tmp_path / "c_series", 16)
+    write_dicom_series(tmp_path / "c_series", 16, slice_mm=8.0, chest=True)
     write_phantom_nifti(tmp_path / "d.nii.gz", (1.5, 1.5, 3.0), (140, 120, 80))
     rows = [
         {"patient_id": "P01", "Path": "a.nii.gz", "split": "pretrain", "Patients_Age": 70, "Patients_Sex": "Male",

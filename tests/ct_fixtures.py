@@ -10,8 +10,9 @@ import nibabel as nib
 import numpy as np
 
 
-def write_dicom_series(folder: Path, n_slices: int = 16, slice_mm: float = 5.0) -> Path:
-    """A consistent axial series: CT_small.dcm (128×128, 0.66 mm pixels) repeated at increasing z positions."""
+def write_dicom_series(folder: Path, n_slices: int = 16, slice_mm: float = 5.0, chest: bool = False) -> Path:
+    """A consistent axial series: CT_small.dcm (128×128, 0.66 mm pixels) repeated at increasing z positions; with
+    ``chest`` its pixels are replaced by the chest phantom at 3 mm pixels (a 384 mm field of view with lungs)."""
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
@@ -28,6 +29,14 @@ def write_dicom_series(folder: Path, n_slices: int = 16, slice_mm: float = 5.0) 
         ds.SOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = series
         ds.SliceThickness = slice_mm
+        if chest:
+            ds.PixelSpacing = [3.0, 3.0]
+            ax = 3.0 * (np.arange(128) - 63.5)
+            z = slice_mm * (k - (n_slices - 1) / 2.0)
+            x, y = np.meshgrid(ax, ax, indexing="xy")
+            hu = phantom_hu(x, -y, np.full_like(x, z))
+            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+            ds.PixelData = np.rint((hu - intercept) / slope).astype(template.pixel_array.dtype).tobytes()
         ds.save_as(folder / f"slice_{k:03d}.dcm")
     return folder
 

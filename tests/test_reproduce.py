@@ -129,3 +129,23 @@ def test_notebook_01_runs_on_a_real_manifest_in_paper_names_and_shows_no_patient
     for pid in ("P01", "P02", "P03", "P04"):
         assert pid not in rendered
     assert read_metrics(out)["cohort"]["synthetic"] is False
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import time\ntime.sleep(60)", r"01_slow\.ipynb ran past the per-cell limit of 3 s .* in cell \d+"),
+    ("import os\nos._exit(1)", r"01_slow\.ipynb lost its kernel .* in cell"),
+])
+def test_a_timeout_or_a_dead_kernel_is_one_message_naming_notebook_and_cell(tmp_path, source, message):
+    """Issue 12: long work is never killed silently — and when a limit or a crash does stop a notebook, the runner
+    says which notebook and cell, in one line, instead of an nbclient traceback."""
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_notebook(nbs / "01_slow.ipynb", "x = 1", source)
+    with pytest.raises(NotebookFailed, match=message):
+        reproduce(profile="smoke", out=tmp_path / "out", notebooks=nbs, log=lambda *_: None, cell_timeout_s=3)
+
+
+def test_training_profiles_have_no_per_cell_limit():
+    from xcardia.config import PROFILES
+
+    assert PROFILES["cpu"].notebook_timeout_s is None and PROFILES["paper"].notebook_timeout_s is None

@@ -57,8 +57,11 @@ class Profile:
 
     @property
     def preprocess(self) -> PreprocessSpec:
-        """CTs are prepared at the cohort's geometry (a synthetic cohort needs no resampling)."""
-        return PreprocessSpec(shape=self.cohort.render.shape, spacing_mm=self.cohort.render.spacing_mm)
+        """CTs are prepared at the cohort's geometry (a synthetic cohort needs no resampling). Profiles with a
+        heart-centred field of view crop a real CT around its heart (mask or heuristic: docs in
+        :mod:`xcardia.data.qc`); the synthetic cohort is already heart-centred and is never moved."""
+        return PreprocessSpec(shape=self.cohort.render.shape, spacing_mm=self.cohort.render.spacing_mm,
+                              centre="heart" if self.cohort.render.field_of_view == "heart" else "image")
 
 
 #: The compared pretraining methods, named so that the variant cannot be confused (issue 11): ``clip`` is the

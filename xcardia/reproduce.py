@@ -77,7 +77,7 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, timeout_s: 
             raise _failed(notebook, output, exc) from None
         name = type(exc).__name__
         if name in ("CellTimeoutError", "DeadKernelError", "TimeoutError") or "nbclient" in type(exc).__module__:
-            cell = _last_started_cell(output)
+            cell = _last_started_cell(output, notebook, str(exc))
             what = ("ran past the per-cell limit of "
                     f"{timeout_s} s (rerun with a larger --cell-timeout, or none: finished runs are reused)"
                     if "Timeout" in name else "lost its kernel (out of memory? rerun: finished runs are reused)")
@@ -86,18 +86,36 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, timeout_s: 
         raise
 
 
-def _last_started_cell(output: Path) -> str:
-    """Index of the first cell papermill left without a finished status (best effort)."""
-    try:
-        import nbformat
+def _last_started_cell(output: Path, notebook: Path, message: str = "") -> str:
+    """Index of the cell that was running (best effort): from nbclient's preview of the cell in ``message``, else
+    the first code cell papermill left unfinished in ``output``."""
+    import ast
 
-        nb = nbformat.read(str(output), as_version=4)
+    import nbformat
+
+    preview = None
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Here is a preview of the cell contents"):
+            body = [entry for entry in lines[i + 1:] if entry.strip() and not set(entry.strip()) <= {"-"}]
+            try:
+                first = ast.literal_eval(body[0]) if body else None
+                preview = first[0] if isinstance(first, list) and first else None
+            except (ValueError, SyntaxError):
+                preview = body[0] if body else None
+            break
+    for path in (output, notebook):
+        try:
+            nb = nbformat.read(str(path), as_version=4)
+        except Exception:  # noqa: BLE001 - the message must still be written
+            continue
         for i, cell in enumerate(nb.cells):
-            status = cell.get("metadata", {}).get("papermill", {}).get("status")
-            if status in ("running", "pending") and cell.get("cell_type") == "code":
+            if cell.get("cell_type") != "code":
+                continue
+            if preview is not None and cell.source.startswith(preview):
                 return str(i)
-    except Exception:  # noqa: BLE001 - the message must still be written
-        pass
+            if preview is None and cell.get("metadata", {}).get("papermill", {}).get("status") == "running":
+                return str(i)
     return "unknown"
 
 

@@ -112,6 +112,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("ct_path", "id", "text", "", "CT image path relative to the manifest: NIfTI file, DICOM series folder or .npy."),
     Column("labelmap_path", "id", "text", "", "Optional structure label map (synthetic cohort only)."),
     Column("split", "id", "category", "", "Patient-level split.", categories=SPLITS),
+    Column("heart_mask_path", "id", "text", "",
+           "Optional: binary heart mask in the CT's space (TotalSegmentator's heart.nii.gz) that centres the "
+           "heart crop of the CPU profiles; without it a heuristic finds the heart."),
     Column("npy_spacing_mm", "image", "float", "mm",
            "Optional: isotropic voxel spacing of a .npy volume (it carries no geometry; the paper's are 2 mm). "
            "Ignored for NIfTI and DICOM, whose headers give the spacing.", (0.2, 10.0)),

@@ -187,6 +187,9 @@ def tabular_concept_auroc(manifest: pd.DataFrame, column_sets: dict[str, tuple[s
         x = TabularPreprocessor(tuple(columns), "token").raw(manifest)
         row = {"inputs": name, "n_columns": len(columns)}
         for concept in CONCEPTS:
+            if concept not in manifest:  # a real cohort may not carry the concept columns
+                row[concept] = math.nan
+                continue
             y = pd.to_numeric(manifest[concept], errors="coerce").to_numpy()
             fit, score = fit_rows & ~np.isnan(y), score_rows & ~np.isnan(y)
             if len(np.unique(y[fit])) < 2 or len(np.unique(y[score])) < 2:
@@ -196,6 +199,7 @@ def tabular_concept_auroc(manifest: pd.DataFrame, column_sets: dict[str, tuple[s
                                   StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
             model.fit(x[fit], y[fit].astype(int))
             row[concept] = float(roc_auc_score(y[score].astype(int), model.predict_proba(x[score])[:, 1]))
-        row["mean"] = float(np.nanmean([row[c] for c in CONCEPTS]))
+        scored = [row[c] for c in CONCEPTS if not math.isnan(row[c])]
+        row["mean"] = float(np.mean(scored)) if scored else math.nan
         out.append(row)
     return pd.DataFrame(out)

@@ -93,7 +93,8 @@ def assign_splits(n_patients: int, seed: int, fractions: tuple[float, ...]) -> l
 
 
 def manifest_columns(write_labelmap: bool) -> list[str]:
-    cols = [c.name for c in COLUMNS if (c.name != "labelmap_path" or write_labelmap) and c.group != "image"]
+    real_only = ("heart_mask_path", "npy_spacing_mm")  # columns for real cohorts; a synthetic one has no use for them
+    cols = [c.name for c in COLUMNS if (c.name != "labelmap_path" or write_labelmap) and c.name not in real_only]
     return cols + [c.name for c in GT_COLUMNS]
 
 

@@ -39,6 +39,14 @@ PAPER_ALIASES: dict[str, str] = {
     "ECHO_rap_value": "rap_mmhg",
     "ECHO_pasp_value": "pasp_mmhg",
     "ECHO_pericardial_effusion_value": "pericardial_effusion",
+    "ECHO_pasp_less_rap_value": "pasp_minus_rap_mmhg",
+    "ECHO_lvot_area_value": "lvot_area_cm2",
+    "ECHO_lvot_vmax_value": "lvot_peak_velocity_m_s",
+    "ECHO_mr_vti": "mr_vti_cm",
+    "ECHO_mr_peak_velocity": "mr_peak_velocity_m_s",
+    "ECHO_mv_dti_a_prime_lateral": "a_prime_lateral_cm_s",
+    "ECHO_mv_dti_a_prime_medial": "a_prime_septal_cm_s",
+    "ECHO_av_vti": "av_vti_cm",
     "ventricular_rate": "ventricular_rate_bpm",
     "atrial_rate": "atrial_rate_bpm",
     "pr_interval": "pr_interval_ms",
@@ -150,7 +158,7 @@ def cell_problems(raw: pd.DataFrame, check_files: bool = False, root: Path | Non
     """Every problem of the rows of a manifest read as strings (aliases applied): identifiers, splits, ranges,
     flags, categories and — with ``check_files`` — the files and their geometry. What ``validate`` reports and
     what every command refuses to load."""
-    from xcardia.data.imaging import geometry_problems, load_ct, read_header
+    from xcardia.data.imaging import geometry_problems, read_header
 
     problems: list[Problem] = []
     seen: dict[str, tuple[int, str]] = {}
@@ -186,9 +194,9 @@ def cell_problems(raw: pd.DataFrame, check_files: bool = False, root: Path | Non
                 add(message, col)
         if not check_files:
             continue
-        for path_col in ("ct_path", "labelmap_path"):
+        for path_col in ("ct_path", "labelmap_path", "heart_mask_path"):
             value = cells.get(path_col, "")
-            if path_col not in cells or (not value and path_col == "labelmap_path"):
+            if path_col not in cells or (not value and path_col != "ct_path"):
                 continue
             if not value:
                 add("empty path", path_col)
@@ -203,7 +211,8 @@ def cell_problems(raw: pd.DataFrame, check_files: bool = False, root: Path | Non
                 row_spec = replace(spec, npy_spacing_mm=float(npy))
             try:
                 if deep and path_col == "ct_path":
-                    load_ct(target, row_spec)
+                    for severity, check, message in deep_series_problems(target, row_spec):
+                        add(f"{value}: {check}: {message}", path_col, severity)
                 else:
                     header = read_header(target)
                     spacing = header["spacing"] if header["kind"] != "npy" else (
@@ -249,3 +258,21 @@ def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def deep_series_problems(path: Path, spec) -> list[tuple[str, str, str]]:
+    """``validate --deep`` for one CT: every voxel read (NaN, constant, unrescaled), then the radiological series
+    checks of :mod:`xcardia.data.qc` on the voxels and, for a DICOM folder, on its headers."""
+    from monai.transforms import Orientation
+
+    from xcardia.data.imaging import load_ct
+    from xcardia.data.qc import dicom_series_qc, series_qc
+
+    img = load_ct(path, spec)  # raises XcardiaError for unreadable / NaN / constant / unrescaled volumes
+    img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+    spacing = tuple(float(abs(z)) for z in img.pixdim)
+    findings = series_qc(img.as_tensor().numpy()[0], spacing)
+    if path.is_dir():
+        import pydicom
+
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(path.iterdir()) if f.is_file()]
+        findings += dicom_series_qc(headers)
+    return findings

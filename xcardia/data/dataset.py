@@ -59,6 +59,9 @@ class CohortDataset(Dataset):
         super().__init__(data=[{"row": int(r)} for r in self.rows])
         self.manifest = manifest
         self.paths = [resolve_ct_path(manifest, manifest["ct_path"].iloc[int(r)]) for r in self.rows]
+        masks = manifest["heart_mask_path"] if "heart_mask_path" in manifest else None  # e.g. TotalSegmentator's
+        self.heart_masks = [None if masks is None or not isinstance(masks.iloc[int(r)], str)
+                            else resolve_ct_path(manifest, masks.iloc[int(r)]) for r in self.rows]
         spacing = manifest["npy_spacing_mm"] if "npy_spacing_mm" in manifest else None  # .npy volumes' geometry
         self.npy_spacing = [None if spacing is None or pd.isna(spacing.iloc[int(r)]) else float(spacing.iloc[int(r)])
                             for r in self.rows]
@@ -97,7 +100,7 @@ class CohortDataset(Dataset):
         """The preprocessed volume of item ``i`` (from RAM, the disk cache, or the original file once)."""
         if i in self._images:
             return self._images[i]
-        array = self.cache.load(self.paths[i], self.npy_spacing[i])
+        array = self.cache.load(self.paths[i], self.npy_spacing[i], self.heart_masks[i])
         if self.in_memory:
             self._images[i] = array
         return array

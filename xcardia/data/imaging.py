@@ -43,6 +43,9 @@ class PreprocessSpec:
         hu_window: (low, high) HU mapped to [−1, 1]; values outside are clipped.
         npy_spacing_mm: voxel spacing of ``.npy`` volumes (they carry no geometry; axes are taken as RAS).
         min_air_hu: a CT whose lowest value is above this has no air in it: it looks unrescaled.
+        centre: where a field of view larger than the target is cropped: ``image`` (its centre) or ``heart`` (the
+            heart mask's centroid, else the heuristic of :func:`xcardia.data.qc.heart_centre`). A volume already
+            within the target field of view (the synthetic cohort) is never moved.
     """
 
     shape: tuple[int, int, int] = (32, 32, 32)
@@ -50,9 +53,15 @@ class PreprocessSpec:
     hu_window: tuple[float, float] = (-200.0, 400.0)
     npy_spacing_mm: float | None = None
     min_air_hu: float = -500.0
+    centre: str = "image"
+    series_qc: bool = True
 
     def key(self) -> dict:
         d = asdict(self)
+        if d["centre"] == "image":
+            del d["centre"]  # the default: keys (caches, run configs) as before the option existed
+        if d["series_qc"]:
+            del d["series_qc"]
         d["shape"] = list(self.shape)
         d["hu_window"] = list(self.hu_window)
         return d
@@ -206,19 +215,43 @@ def check_ct_values(img, path: Path, spec: PreprocessSpec) -> None:
                            f"apply RescaleSlope/RescaleIntercept (DICOM) or the NIfTI scl_slope/scl_inter to get HU")
 
 
-def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
-    """Load and preprocess one CT: a float32 array of ``spec.shape`` in [−1, 1] (RAS, ``spec.spacing_mm``)."""
-    from monai.transforms import GaussianSmooth, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None) -> np.ndarray:
+    """Load and preprocess one CT: a float32 array of ``spec.shape`` in [−1, 1] (RAS, ``spec.spacing_mm``).
+
+    The series must pass :func:`xcardia.data.qc.series_qc` (a scan without lungs is refused). With
+    ``spec.centre == "heart"`` a field of view larger than the target is cropped around the heart (``heart_mask``'s
+    centroid, e.g. TotalSegmentator's ``heart.nii.gz`` in the CT's space, or the heuristic)."""
+    from monai.transforms import GaussianSmooth, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing, SpatialCrop
+
+    from xcardia.data.qc import heart_centre, series_qc
 
     img = load_ct(path, spec)
     img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
     current = np.abs(np.asarray(img.pixdim, dtype=float))
+    for severity, _check, message in (series_qc(img.as_tensor().numpy()[0], tuple(current)) if spec.series_qc else ()):
+        if severity == "error":
+            raise XcardiaError(f"{path}: {message}")
     target = float(spec.spacing_mm)
     sigma = np.maximum((target / current - 1.0) / 2.0, 0.0)  # anti-aliasing before downsampling
     if np.any(sigma > 0.25):
         img = GaussianSmooth(sigma=tuple(float(s) for s in sigma))(img)
     if not np.allclose(current, target, rtol=1e-3):
         img = Spacing(pixdim=(target,) * 3, mode="bilinear", padding_mode="border")(img)
+    if spec.centre == "heart" and any(n > t for n, t in zip(img.shape[1:], spec.shape)):
+        mask = None
+        if heart_mask is not None:
+            from monai.transforms import LoadImage
+
+            m = LoadImage(image_only=True, ensure_channel_first=True)(str(heart_mask))
+            m = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(m)
+            if not np.allclose(np.abs(np.asarray(m.pixdim, dtype=float)), target, rtol=1e-3):
+                m = Spacing(pixdim=(target,) * 3, mode="nearest")(m)
+            mask = m.as_tensor().numpy()[0]
+            if mask.shape != tuple(img.shape[1:]) or not (mask > 0).any():
+                raise XcardiaError(f"{heart_mask}: the heart mask is empty or not in the space of {path} "
+                                   f"({mask.shape} vs {tuple(img.shape[1:])} voxels after resampling)")
+        centre = heart_centre(img.as_tensor().numpy()[0], (target,) * 3, mask)
+        img = SpatialCrop(roi_center=[int(round(c)) for c in centre], roi_size=spec.shape)(img)
     lo, hi = spec.hu_window
     img = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=-1.0, b_max=1.0, clip=True)(img)
     img = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", constant_values=-1.0)(img)
@@ -237,31 +270,41 @@ class PreprocessCache:
         self.root = Path(root)
         self.spec = spec
 
-    def key(self, path: str | os.PathLike) -> str:
+    def key(self, path: str | os.PathLike, heart_mask: str | os.PathLike | None = None) -> str:
         p = Path(path).resolve()
         if p.is_dir():  # a DICOM series: the names, sizes and times of its files
             stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file()]
         else:
             s = p.stat()
             stat = [(p.name, s.st_size, s.st_mtime_ns)]
-        blob = json.dumps({"path": str(p), "files": stat, "spec": self.spec.key(), "pipeline": 1}, sort_keys=True)
+        blob = {"path": str(p), "files": stat, "spec": self.spec.key(), "pipeline": 1}
+        if self.spec.centre != "image":  # keys of the default pipeline are unchanged (existing caches stay valid)
+            blob["centre"] = self.spec.centre
+            if heart_mask is not None and Path(heart_mask).exists():
+                m = Path(heart_mask).resolve()
+                blob["heart_mask"] = [str(m), m.stat().st_size, m.stat().st_mtime_ns]
+        blob = json.dumps(blob, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
-    def entry(self, path: str | os.PathLike) -> Path:
-        k = self.key(path)
+    def entry(self, path: str | os.PathLike, heart_mask: str | os.PathLike | None = None) -> Path:
+        k = self.key(path, heart_mask)
         return self.root / k[:2] / f"{k}.npy"
 
-    def load(self, path: str | os.PathLike, npy_spacing_mm: float | None = None) -> np.ndarray:
+    def load(self, path: str | os.PathLike, npy_spacing_mm: float | None = None,
+             heart_mask: str | os.PathLike | None = None) -> np.ndarray:
         """The preprocessed volume, from the cache or computed and stored (atomically). ``npy_spacing_mm`` (the
-        manifest's ``npy_spacing_mm`` cell) gives a ``.npy`` volume its voxel size."""
+        manifest's ``npy_spacing_mm`` cell) gives a ``.npy`` volume its voxel size; ``heart_mask`` (the
+        ``heart_mask_path`` cell) centres a heart crop. Both are part of the cache key."""
         p = Path(path)
         if not p.exists():
             raise XcardiaError(f"{p} does not exist")
         cache = self if npy_spacing_mm is None else PreprocessCache(self.root, replace(self.spec, npy_spacing_mm=npy_spacing_mm))
-        entry = cache.entry(p)
+        entry = cache.entry(p, heart_mask)
         if entry.exists():
             return np.load(entry)
-        array = preprocess_ct(p, cache.spec)
+        if heart_mask is not None and not Path(heart_mask).exists():
+            raise XcardiaError(f"heart mask {heart_mask} does not exist (manifest column heart_mask_path)")
+        array = preprocess_ct(p, cache.spec, heart_mask)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, array)

@@ -13,11 +13,12 @@ from xcardia.schema import COLUMN_BY_NAME, LABEL_SHORT
 from xcardia.figures import radiological_slices, window_limits
 
 
-def plot_phenotypes_by_sex(manifest: pd.DataFrame, columns: list[str], ncols: int = 5):
-    """Histogram of each phenotype by sex, with its reference interval shaded (ASE/EACVI 2015 etc.)."""
+def plot_phenotypes_by_sex(manifest: pd.DataFrame, columns: list[str], ncols: int = 4):
+    """Histogram of each phenotype by sex, with its reference interval shaded (ASE/EACVI 2015 etc.). Four panels a
+    row, 2.5 inches each: readable at 100 % in a ~1,100 px notebook column."""
     columns = [c for c in columns if c in manifest and manifest[c].notna().any()]
     nrows = math.ceil(len(columns) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.5 * ncols, 2.1 * nrows), squeeze=False)
     for ax, col in zip(axes.flat, columns):
         spec = COLUMN_BY_NAME[col]
         data = manifest[[col, "sex"]].dropna() if "sex" in manifest else manifest[[col]].dropna()
@@ -27,9 +28,9 @@ def plot_phenotypes_by_sex(manifest: pd.DataFrame, columns: list[str], ncols: in
         sns.histplot(data=data, x=col, hue="sex" if "sex" in data else None, bins=30, element="step", stat="density",
                      common_norm=False, ax=ax, palette={"M": "tab:blue", "F": "tab:red"} if "sex" in data else None)
         ax.set_title(col, fontsize=9)
-        ax.set_xlabel(spec.unit, fontsize=8)
+        ax.set_xlabel(spec.unit, fontsize=9)
         ax.set_ylabel("")
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
         if ax is not axes.flat[0] and ax.get_legend():
             ax.get_legend().remove()
     for ax in axes.flat[len(columns):]:
@@ -67,11 +68,12 @@ def plot_correlation(manifest: pd.DataFrame, columns: list[str]):
 
 def plot_missingness(missing: pd.DataFrame):
     """Share missing per column, overall and split by rhythm (PR and A-wave are missing in AF by design)."""
-    cols = [c for c in ("missing", "missing_in_sinus", "missing_in_af") if c in missing]
-    shown = missing[missing[cols].max(axis=1) > 0][cols]
-    fig, ax = plt.subplots(figsize=(4.5, 0.22 * len(shown) + 1.2))
-    sns.heatmap(shown, annot=True, fmt=".2f", cmap="Greys", vmin=0, vmax=1, cbar=False, ax=ax, annot_kws={"size": 7})
-    ax.tick_params(labelsize=7)
+    shown = missing[missing["missing"] > 0]  # the rows and column order of the table the notebook prints
+    fig, ax = plt.subplots(figsize=(5.0, 0.24 * len(shown) + 1.4))
+    sns.heatmap(shown, annot=True, fmt=".2f", cmap="Greys", vmin=0, vmax=1, cbar=False, ax=ax, annot_kws={"size": 8})
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_xticklabels([t.get_text().replace("_", " ") for t in ax.get_xticklabels()], rotation=0, fontsize=8)
+    ax.xaxis.tick_top()
     fig.tight_layout()
     return fig
 
@@ -131,8 +133,9 @@ def plot_phase_pair(volumes: list[np.ndarray], labelmaps: list[np.ndarray], titl
     diff = volumes[0].astype(float) - volumes[1].astype(float)
     s = radiological_slices(diff, centre)
     for row, view in enumerate(("axial", "coronal")):
-        axes[row, 2].imshow(s[view], cmap="RdBu_r", vmin=-150, vmax=150)
+        image = axes[row, 2].imshow(s[view], cmap="RdBu_r", vmin=-150, vmax=150)
         axes[row, 2].set_title(f"difference — {view}", fontsize=9)
+        fig.colorbar(image, ax=axes[row, 2], fraction=0.046, label="HU")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -158,10 +161,14 @@ def plot_visibility(visibility: pd.DataFrame):
     """AUROC of each single CT measurement per task (orientation-free), the realism check of the cohort."""
     measures = [c for c in visibility.columns if c not in ("best_measurement", "best_auroc", "n_pos", "n_neg")]
     data = visibility[measures].astype(float)
+    empty = [m for m in measures if data[m].isna().all()]
+    data = data.drop(columns=empty)  # e.g. heart/thorax ratio: undefined on a heart-centred field of view
     data.index = [LABEL_SHORT.get(t, t) for t in data.index]
-    fig, ax = plt.subplots(figsize=(1.1 * len(measures) + 2, 4.2))
-    sns.heatmap(data, annot=True, fmt=".2f", vmin=0.5, vmax=1.0, cmap="viridis", ax=ax, annot_kws={"size": 7})
-    ax.tick_params(axis="x", rotation=35, labelsize=7)
+    fig, ax = plt.subplots(figsize=(min(1.0 * len(data.columns) + 2.5, 10), 4.2))
+    sns.heatmap(data, annot=True, fmt=".2f", vmin=0.5, vmax=1.0, cmap="viridis", ax=ax, annot_kws={"size": 8})
+    ax.tick_params(axis="x", rotation=35, labelsize=8)
+    if empty:
+        ax.set_title(f"not shown (undefined on this field of view): {', '.join(empty)}", fontsize=8)
     fig.tight_layout()
     return fig
 
