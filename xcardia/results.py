@@ -86,6 +86,17 @@ def summary_markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tabular_lines(rows: list) -> list[str]:
+    lines = ["## What the tabular inputs alone reveal of the NW concepts (notebook 01)", "",
+             "Logistic regression on the encoder's tabular inputs, fitted on `pretrain`, AUROC on `val` + `test`.", "",
+             "| inputs | columns | IVSd | LVPWd | LVIDd | LVIDs | mean |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['inputs']} | {r['n_columns']} | {_fmt(r.get('concept_ivsd_abnormal'))} | "
+                     f"{_fmt(r.get('concept_lvpwd_abnormal'))} | {_fmt(r.get('concept_lvidd_abnormal'))} | "
+                     f"{_fmt(r.get('concept_lvids_abnormal'))} | {_fmt(r.get('mean'))} |")
+    return lines + [""]
+
+
 def _pretraining_lines(section: dict) -> list[str]:
     lines = ["## Pretraining (notebook 02)", "",
              "Validation NW concept scores of each run at the epoch the paper's rule selected (best fused-query "
@@ -94,8 +105,9 @@ def _pretraining_lines(section: dict) -> list[str]:
              "| run | method | variant | seed | selected epoch | val concept AUROC, fused | image-only | "
              "last epoch: fused | image-only |", "|---|---|---|---|---|---|---|---|---|"]
     for name, run in section.get("runs", {}).items():
-        lines.append(f"| {name} | {run.get('method')} | {run.get('variant')} | {run.get('seed')} | "
-                     f"{run.get('best_epoch')} | {_fmt(run.get('val_concept_auroc_at_best'))} | "
+        seed, best = run.get("seed"), run.get("best_epoch")
+        lines.append(f"| {name} | {run.get('method')} | {run.get('variant')} | {'–' if seed is None else int(seed)} | "
+                     f"{'–' if best is None else int(best)} | {_fmt(run.get('val_concept_auroc_at_best'))} | "
                      f"{_fmt(run.get('val_image_query_auroc_at_best'))} | {_fmt(run.get('val_concept_auroc_last'))} | "
                      f"{_fmt(run.get('val_image_query_auroc_last'))} |")
     return lines + [""]
@@ -207,7 +219,7 @@ def _interpretability_lines(section: dict) -> list[str]:
 
 
 #: How each notebook's section of metrics.json reads in the summary.
-_SECTION_RENDERERS = {"pretraining": _pretraining_lines, "interpretability": _interpretability_lines,
+_SECTION_RENDERERS = {"tabular_concept_auroc": _tabular_lines, "pretraining": _pretraining_lines, "interpretability": _interpretability_lines,
                       "finetune": _finetune_lines, "fewshot": _fewshot_lines,
                       "claims": _claims_lines}
 
