@@ -246,3 +246,25 @@ def test_nw_concept_without_observed_support_gives_finite_gradients():
     masked_bce(prediction, torch.tensor([[1.0, 1.0]] * 4)).backward()
     assert torch.isfinite(query.grad).all() and torch.isfinite(support.grad).all()
     assert query.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("clip_weight, nw_weight", [(1.0, 0.5), (1.0, 0.0), (0.0, 0.5)])
+def test_pretraining_loss_is_the_papers_equation(clip_weight, nw_weight):
+    """eq. (1) of docs/method.md: w_clip · L_clip + λ_nw · masked BCE of the NW prediction over the step's bank."""
+    from xcardia.losses import nw_query, pretraining_loss
+
+    torch.manual_seed(3)
+    e_img, e_tab = torch.randn(6, 8), torch.randn(6, 8)
+    concepts = torch.tensor([[1.0, 0.0], [0.0, float("nan")], [1.0, 1.0], [0.0, 0.0], [float("nan"), 1.0], [1.0, 0.0]])
+    bank, bank_targets = torch.nn.functional.normalize(torch.randn(5, 8), dim=1), torch.tensor([[1.0, 0.0]] * 5)
+    tau_clip, tau_nw = torch.tensor(0.07), torch.tensor(0.5)
+    loss, parts = pretraining_loss(e_img, e_tab, concepts, tau_clip, tau_nw, clip_weight, nw_weight, "fused",
+                                   lambda q, c: (bank, bank_targets, None))
+    expected = torch.zeros(())
+    if clip_weight:
+        expected = expected + clip_weight * clip_loss(e_img, e_tab, tau_clip)
+    if nw_weight:
+        prediction, _ = nw_predict(nw_query(e_img, e_tab, "fused"), bank, bank_targets, tau_nw)
+        expected = expected + nw_weight * masked_bce(prediction, concepts)
+    torch.testing.assert_close(loss, expected)
+    assert ("nw" in parts) == bool(nw_weight) and ("clip" in parts) == bool(clip_weight)

@@ -133,7 +133,9 @@ PROFILES: dict[str, Profile] = {
                           split_fractions=(0.5, 0.2, 0.1, 0.2)),
         model=ModelSpec(image=ImageEncoderSpec(arch="resnet50", widths=(64, 128, 256, 512), conv1_size=7,
                                                conv1_stride=(2, 2, 1), max_pool=True)),
-        pretrain=PretrainSpec(epochs=80, batch_size=8, lr=1e-4, num_workers=8, bf16=True, channels_last=True),
+        # a bare `pretrain --method xcardia --profile paper` is X-Cardia as published (named runs set their own)
+        pretrain=PretrainSpec(epochs=80, batch_size=8, lr=1e-4, num_workers=8, bf16=True, channels_last=True,
+                              variant="paper"),
         pretrain_runs={**replicated(COMPARED_RUNS, (0, 1, 2)), **replicated(NW_ONLY_RUN, (0,))},
         init_seeds=(0, 1, 2),
         generate_workers=16,
