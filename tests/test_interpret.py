@@ -103,3 +103,39 @@ def test_traversal_positions_span_the_axis():
     values = np.r_[np.linspace(0, 1, 101), np.nan]
     picks = traversal_positions(values, n=3)
     assert list(values[picks]) == pytest.approx([0.05, 0.5, 0.95])
+
+
+def test_saliency_inside_the_heart_works_from_a_heart_mask_column(tiny_cohort, tmp_path):
+    """Issue 13: a real cohort has no label maps; TotalSegmentator-style heart masks in the CT's space give the same
+    heart region on the preprocessed voxels as the synthetic label maps do."""
+    import shutil
+
+    import nibabel as nib
+    import pandas as pd
+
+    from xcardia.cohort.render import HEART_LABELS
+    from xcardia.config import get_profile
+    from xcardia.data.manifest import load_manifest
+    from xcardia.interpret import heart_label_volumes, saliency_study
+
+    cohort = tmp_path / "real"
+    shutil.copytree(tiny_cohort, cohort)
+    df = pd.read_csv(cohort / "manifest.csv", dtype=str, keep_default_na=False)
+    (cohort / "seg").mkdir()
+    for i, row in df.iterrows():
+        labels = nib.load(str(cohort / row["labelmap_path"]))
+        heart = np.isin(np.asarray(labels.dataobj), HEART_LABELS).astype(np.uint8)
+        nib.save(nib.Nifti1Image(heart, labels.affine), str(cohort / "seg" / f"{row['patient_id']}_heart.nii.gz"))
+        df.loc[i, "heart_mask_path"] = f"seg/{row['patient_id']}_heart.nii.gz"
+    df.drop(columns=["labelmap_path"]).to_csv(cohort / "manifest.csv", index=False)
+    (cohort / "cohort.json").unlink()  # now a "real" cohort: no generator record, no label maps
+    shutil.rmtree(cohort / "labelmap")
+
+    profile = get_profile("smoke")
+    manifest = load_manifest(cohort)
+    rows = np.flatnonzero((manifest["split"] == "test").to_numpy())[:3]
+    from_masks = heart_label_volumes(manifest, rows, profile.preprocess)
+    assert from_masks.shape == (3, *profile.preprocess.shape) and (from_masks > 0).any()
+    study = saliency_study(profile, manifest, {"scratch": "scratch"}, tmp_path / "cache", n_patients=3, n_boot=10)
+    heart = study["table"][study["table"]["region"] == "heart"]
+    assert len(heart) == 2 and heart["volume_share"].between(0.01, 0.9).all()

@@ -295,22 +295,42 @@ def calibration_study(run_dir, manifest: pd.DataFrame, cache_dir=None,
     return {"sweep": sweep, "learned_tau": learned, "tuned_tau": tuned, "curves": curves}
 
 
+def heart_label_volumes(manifest: pd.DataFrame, rows: np.ndarray, preprocess) -> np.ndarray:
+    """Ground-truth heart regions on the preprocessed voxels of ``rows``: the synthetic cohort's structure label maps
+    (``labelmap_path``), or a real cohort's binary heart masks (``heart_mask_path``, e.g. TotalSegmentator's
+    ``heart.nii.gz``) brought onto the same voxels as the CT (same reorientation, spacing and crop) and written with
+    the first heart label, so both feed :func:`heart_share_table` alike."""
+    import nibabel as nib
+
+    from xcardia.data.imaging import preprocess_mask
+    from xcardia.data.manifest import resolve_ct_path
+
+    if "labelmap_path" in manifest and manifest["labelmap_path"].notna().all():
+        return np.stack([np.asarray(nib.load(str(resolve_ct_path(manifest, manifest["labelmap_path"].iloc[int(r)]))).dataobj)
+                         for r in rows])
+    if "heart_mask_path" in manifest and manifest["heart_mask_path"].notna().all():
+        out = []
+        for r in rows:
+            ct = resolve_ct_path(manifest, manifest["ct_path"].iloc[int(r)])
+            mask = resolve_ct_path(manifest, manifest["heart_mask_path"].iloc[int(r)])
+            out.append(np.where(preprocess_mask(ct, mask, preprocess, mask), HEART_LABELS[0], 0))
+        return np.stack(out)
+    raise ValueError("saliency inside the heart needs label maps (synthetic) or a heart_mask_path column (real cohort)")
+
+
 def saliency_study(profile, manifest: pd.DataFrame, inits: dict[str, str], cache_dir, task: str = "lvwt_gte_13_flag",
                    n_patients: int = 40, seed: int = 0, n_boot: int = 1000) -> dict:
     """Fine-tune each init for ``task`` (the paper's protocol, all training labels), explain its test predictions
-    with Grad-CAM and occlusion, and measure the share of saliency inside the heart (needs label maps)."""
-    import nibabel as nib
-
-    from xcardia.schema import LABELS
-    from xcardia.data.manifest import resolve_ct_path
+    with Grad-CAM and occlusion, and measure the share of saliency inside the heart (label maps of the synthetic
+    cohort, or a real cohort's heart masks: :func:`heart_label_volumes`)."""
     from xcardia.finetune import prepare_experiment, train_top
+    from xcardia.schema import LABELS
 
     exp = prepare_experiment(profile, manifest, inits, cache_dir, profile.finetune, seed, log=lambda *_: None)
     test = exp.rows["test"]
     chosen = np.sort(np.random.default_rng(seed).choice(test, size=min(n_patients, len(test)), replace=False))
     volumes = torch.as_tensor(np.stack([exp.datasets["test"].image(int(np.searchsorted(test, r))) for r in chosen]))[:, None]
-    labelmaps = np.stack([np.asarray(nib.load(str(resolve_ct_path(manifest, manifest["labelmap_path"].iloc[int(r)]))).dataobj)
-                          for r in chosen])
+    labelmaps = heart_label_volumes(manifest, chosen, profile.preprocess)
     if labelmaps.shape[1:] != volumes.shape[2:]:
         raise ValueError("label maps and preprocessed CTs differ in shape; saliency needs the cohort's own geometry")
     task_index = LABELS.index(task)

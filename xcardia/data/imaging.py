@@ -215,18 +215,17 @@ def check_ct_values(img, path: Path, spec: PreprocessSpec) -> None:
                            f"apply RescaleSlope/RescaleIntercept (DICOM) or the NIfTI scl_slope/scl_inter to get HU")
 
 
-def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None) -> np.ndarray:
-    """Load and preprocess one CT: a float32 array of ``spec.shape`` in [−1, 1] (RAS, ``spec.spacing_mm``).
+_RAS = (("L", "R"), ("P", "A"), ("I", "S"))
 
-    The series must pass :func:`xcardia.data.qc.series_qc` (a scan without lungs is refused). With
-    ``spec.centre == "heart"`` a field of view larger than the target is cropped around the heart (``heart_mask``'s
-    centroid, e.g. TotalSegmentator's ``heart.nii.gz`` in the CT's space, or the heuristic)."""
-    from monai.transforms import GaussianSmooth, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing, SpatialCrop
 
-    from xcardia.data.qc import heart_centre, series_qc
+def _resampled(path: str | os.PathLike, spec: PreprocessSpec):
+    """The CT in HU, RAS, at the target spacing (anti-aliased), after the checks and the series QC."""
+    from monai.transforms import GaussianSmooth, Orientation, Spacing
+
+    from xcardia.data.qc import series_qc
 
     img = load_ct(path, spec)
-    img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+    img = Orientation(axcodes="RAS", labels=_RAS)(img)
     current = np.abs(np.asarray(img.pixdim, dtype=float))
     for severity, _check, message in (series_qc(img.as_tensor().numpy()[0], tuple(current)) if spec.series_qc else ()):
         if severity == "error":
@@ -237,25 +236,82 @@ def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec, heart_mask: str
         img = GaussianSmooth(sigma=tuple(float(s) for s in sigma))(img)
     if not np.allclose(current, target, rtol=1e-3):
         img = Spacing(pixdim=(target,) * 3, mode="bilinear", padding_mode="border")(img)
-    if spec.centre == "heart" and any(n > t for n, t in zip(img.shape[1:], spec.shape)):
-        mask = None
-        if heart_mask is not None:
-            from monai.transforms import LoadImage
+    return img
 
-            m = LoadImage(image_only=True, ensure_channel_first=True)(str(heart_mask))
-            m = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(m)
-            if not np.allclose(np.abs(np.asarray(m.pixdim, dtype=float)), target, rtol=1e-3):
-                m = Spacing(pixdim=(target,) * 3, mode="nearest")(m)
-            mask = m.as_tensor().numpy()[0]
-            if mask.shape != tuple(img.shape[1:]) or not (mask > 0).any():
-                raise XcardiaError(f"{heart_mask}: the heart mask is empty or not in the space of {path} "
-                                   f"({mask.shape} vs {tuple(img.shape[1:])} voxels after resampling)")
-        centre = heart_centre(img.as_tensor().numpy()[0], (target,) * 3, mask)
-        img = SpatialCrop(roi_center=[int(round(c)) for c in centre], roi_size=spec.shape)(img)
+
+def _resampled_mask(heart_mask: str | os.PathLike, spec: PreprocessSpec, shape, ct: str | os.PathLike):
+    """A binary mask in the CT's space on the same RAS grid as :func:`_resampled` (nearest neighbour)."""
+    from monai.transforms import LoadImage, Orientation, Spacing
+
+    m = LoadImage(image_only=True, ensure_channel_first=True)(str(heart_mask))
+    m = Orientation(axcodes="RAS", labels=_RAS)(m)
+    if not np.allclose(np.abs(np.asarray(m.pixdim, dtype=float)), float(spec.spacing_mm), rtol=1e-3):
+        m = Spacing(pixdim=(float(spec.spacing_mm),) * 3, mode="nearest")(m)
+    mask = m.as_tensor().numpy()[0] > 0
+    if mask.shape != tuple(shape) or not mask.any():
+        raise XcardiaError(f"{heart_mask}: the heart mask is empty or not in the space of {ct} "
+                           f"({mask.shape} vs {tuple(shape)} voxels after resampling)")
+    return mask
+
+
+def crop_centre(img, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None, ct=None):
+    """Where the target box is centred on a resampled CT: None (the image centre) unless ``spec.centre == "heart"``
+    and the CT is larger than the target; then the heart mask's centroid or the heuristic's heart centre."""
+    from xcardia.data.qc import heart_centre
+
+    shape = tuple(img.shape[1:])
+    if spec.centre != "heart" or not any(n > t for n, t in zip(shape, spec.shape)):
+        return None
+    mask = _resampled_mask(heart_mask, spec, shape, ct) if heart_mask is not None else None
+    return tuple(int(round(c)) for c in heart_centre(img.as_tensor().numpy()[0], (float(spec.spacing_mm),) * 3, mask))
+
+
+def _to_target(img, spec: PreprocessSpec, centre, pad_value: float):
+    from monai.transforms import ResizeWithPadOrCrop, SpatialCrop
+
+    if centre is not None:
+        img = SpatialCrop(roi_center=list(centre), roi_size=spec.shape)(img)
+    return ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", constant_values=pad_value)(img)
+
+
+def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None) -> np.ndarray:
+    """Load and preprocess one CT: a float32 array of ``spec.shape`` in [−1, 1] (RAS, ``spec.spacing_mm``).
+
+    The series must pass :func:`xcardia.data.qc.series_qc` (a scan without lungs is refused). With
+    ``spec.centre == "heart"`` a field of view larger than the target is cropped around the heart (``heart_mask``'s
+    centroid, e.g. TotalSegmentator's ``heart.nii.gz`` in the CT's space, or the heuristic)."""
+    from monai.transforms import ScaleIntensityRange
+
+    img = _resampled(path, spec)
+    centre = crop_centre(img, spec, heart_mask, path)
     lo, hi = spec.hu_window
     img = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=-1.0, b_max=1.0, clip=True)(img)
-    img = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", constant_values=-1.0)(img)
+    img = _to_target(img, spec, centre, -1.0)
     return np.ascontiguousarray(img.as_tensor().numpy()[0], dtype=np.float32)
+
+
+def preprocess_mask(ct: str | os.PathLike, mask: str | os.PathLike, spec: PreprocessSpec,
+                    heart_mask: str | os.PathLike | None = None) -> np.ndarray:
+    """A binary mask (any structure, in the CT's space) brought onto exactly the voxels :func:`preprocess_ct` gives
+    for ``ct``: same reorientation, spacing and crop (nearest neighbour). Saliency inside the heart of a real CT
+    uses it with the cohort's heart masks."""
+    img = _resampled(ct, spec)
+    centre = crop_centre(img, spec, heart_mask, ct)
+    resampled = _resampled_mask(mask, spec, tuple(img.shape[1:]), ct)
+    from monai.data import MetaTensor
+
+    out = _to_target(MetaTensor(torch.from_numpy(resampled.astype(np.float32))[None]), spec, centre, 0.0)
+    return out.as_tensor().numpy()[0] > 0.5
+
+
+def crop_preview(ct: str | os.PathLike, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None) -> dict:
+    """What the encoder sees of a real CT: the resampled volume in HU and the target box (voxel ranges per axis, on
+    that volume) that preprocessing keeps — for notebook 01's crop figure."""
+    img = _resampled(ct, spec)
+    volume = img.as_tensor().numpy()[0]
+    centre = crop_centre(img, spec, heart_mask, ct) or tuple(s // 2 for s in volume.shape)
+    box = tuple((int(c - t // 2), int(c - t // 2 + t)) for c, t in zip(centre, spec.shape))
+    return {"volume": volume, "box": box, "centre": centre}
 
 
 class PreprocessCache:

@@ -199,3 +199,30 @@ def slice_viewer(volume: np.ndarray, interactive: bool, window: str = "mediastin
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def plot_crop_boxes(previews: list[dict], spacing_mm: float):
+    """What the encoder sees of real CTs: axial and coronal slices through the crop centre of each resampled CT
+    with the kept box drawn (no identifiers in the titles: aggregates and anonymous examples only)."""
+    from matplotlib.patches import Rectangle
+
+    n = len(previews)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.2), squeeze=False)
+    lo, hi = window_limits("mediastinal")
+    for col, preview in enumerate(previews):
+        volume, box, (i, j, k) = preview["volume"], preview["box"], preview["centre"]
+        slices = radiological_slices(volume, (i, j, k))
+        for row, (view, (a, b)) in enumerate((("axial", (0, 1)), ("coronal", (0, 2)))):
+            ax = axes[row, col]
+            ax.imshow(slices[view], cmap="gray", vmin=lo, vmax=hi)
+            # radiological display flips both axes: map the box's voxel ranges the same way
+            width, height = volume.shape[a], volume.shape[b]
+            x0, x1 = width - box[a][1], width - box[a][0]
+            y0, y1 = height - box[b][1], height - box[b][0]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="tab:orange", lw=1.5))
+            ax.set_title(f"CT {col + 1}, {view}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"the box each CT is cropped to ({spacing_mm:g} mm voxels); orange: what the encoder sees", fontsize=9)
+    fig.tight_layout()
+    return fig
