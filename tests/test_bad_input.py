@@ -297,14 +297,15 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint
     assert main(args) == 0
     saved = (run / "checkpoint.pt").read_bytes()
 
-    def full(*_args, **_kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoint.pt.tmp"))
+    def full(_payload, target, *_args, **_kwargs):
+        Path(target).write_bytes(b"half a checkpoint")  # the disk fills up part-way through the write
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
     monkeypatch.setattr(engine.torch, "save", full)
     code = main(args[:-4] + ["--epochs", "2", "--batch-size", "8", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
-    assert (run / "checkpoint.pt").read_bytes() == saved and not (run / "checkpoint.pt.tmp").exists()
+    assert (run / "checkpoint.pt").read_bytes() == saved and not list(run.glob("*.tmp*"))
 
 
 def test_edited_manifest_is_noticed_by_resume_and_by_reuse(cohort, tmp_path, capsys):

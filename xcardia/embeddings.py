@@ -19,6 +19,7 @@ import torch
 from xcardia.schema import CONCEPT_NAMES
 from xcardia.data.dataset import CohortDataset
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
+from xcardia.atomic import write_atomic
 from xcardia.errors import XcardiaError
 from xcardia.losses import nw_predict
 from xcardia.models.tabular_encoder import TabularPreprocessor
@@ -103,10 +104,7 @@ def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train
         out["labels"].append(batch["labels"])
         out["rows"].append(batch["index"])
     arrays = {k: torch.cat(v).numpy() for k, v in out.items()}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache_file)
+    write_atomic(cache_file, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     return arrays
 
 

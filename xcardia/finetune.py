@@ -34,6 +34,7 @@ from torch import nn
 from xcardia.schema import LABELS
 from xcardia.data.dataset import CohortDataset, table_array
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
+from xcardia.atomic import write_atomic, write_text_atomic
 from xcardia.errors import XcardiaError
 from xcardia.losses import masked_bce_with_logits, pos_weight_from_subset
 from xcardia.metrics import auprc, auroc
@@ -405,11 +406,8 @@ def prepare_experiment(profile, manifest, inits: dict[str, str], cache_dir, spec
 
 
 def save_predictions(path: str | os.PathLike, predictions: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **{"|".join(map(str, key)): value for key, value in predictions.items()})
-    os.replace(tmp, path)
+    arrays = {"|".join(map(str, key)): value for key, value in predictions.items()}
+    write_atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
 
 
 def load_predictions(path: str | os.PathLike) -> dict:
@@ -445,9 +443,7 @@ def _reusable(folder: Path, fingerprint: dict, files) -> bool:
 
 
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir, spec: FinetuneSpec | None,

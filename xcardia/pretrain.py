@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from xcardia import __version__
+from xcardia.atomic import write_atomic as _write_atomic
 from xcardia.schema import CONCEPT_NAMES
 from xcardia.data.dataset import AugmentSpec, CohortDataset
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
@@ -106,16 +107,6 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename: a crash or a full disk never leaves a half-written file (the
-    previous version stays in place; the temporary file is removed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _rng_state() -> dict:

@@ -37,12 +37,9 @@ def to_jsonable(value):
 
 
 def write_json_atomic(path: Path, payload) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    from xcardia.atomic import write_json_atomic as write
+
+    return write(path, payload)
 
 
 def read_metrics(output_dir: str | os.PathLike) -> dict:
@@ -225,8 +222,6 @@ _SECTION_RENDERERS = {"tabular_concept_auroc": _tabular_lines, "pretraining": _p
 
 
 def write_summary(output_dir: str | os.PathLike) -> Path:
-    path = Path(output_dir) / "summary.md"
-    tmp = path.with_name("summary.md.tmp")
-    tmp.write_text(summary_markdown(read_metrics(output_dir)))
-    os.replace(tmp, path)
-    return path
+    from xcardia.atomic import write_text_atomic
+
+    return write_text_atomic(Path(output_dir) / "summary.md", summary_markdown(read_metrics(output_dir)))

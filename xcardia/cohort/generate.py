@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from xcardia import __version__
+from xcardia.atomic import write_atomic, write_text_atomic
 from xcardia.errors import XcardiaError
 from xcardia.cohort.physiology import sample_patient
 from xcardia.cohort.render import RenderSpec, render_ct
@@ -117,9 +118,7 @@ def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
 def _generate_one(args) -> dict:
@@ -207,9 +206,7 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec, workers: int =
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_format(row.get(c)) for c in columns])
-    tmp = out / "manifest.csv.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, out / "manifest.csv")
+    write_text_atomic(out / "manifest.csv", buf.getvalue())
     meta = {
         "generator": "xcardia.cohort",
         "generator_version": GENERATOR_VERSION,
@@ -218,9 +215,7 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec, workers: int =
         "split_counts": {s: splits.count(s) for s in SPLITS},
         "regenerate": regenerate_command(spec, out),
     }
-    tmp = out / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / COMPLETE_MARKER)
+    write_text_atomic(out / COMPLETE_MARKER, json.dumps(meta, indent=2))
     (out / PARTIAL_MARKER).unlink(missing_ok=True)
     return out / "manifest.csv"
 

@@ -279,7 +279,7 @@ def _heart_layout(an: Anatomy, rng: np.random.Generator, thorax_w: float, thorax
     e3 = np.cross(e1, e2)
     basis = np.stack([e1, e2, e3], axis=1)
     # Heart volume and epicardial fat: the fat forms a layer of mean thickness V_fat / surface.
-    heart_mm3 = 1000.0 * (an.lv_cavity_ml + an.lv_myocardial_ml + 1.12 * (an.rv_cavity_ml + an.la_cavity_ml + an.ra_cavity_ml))
+    heart_mm3 = 1000.0 * an.heart_volume_ml  # the one formula (physiology.Anatomy), at this phase
     surface = 4.84 * heart_mm3 ** (2.0 / 3.0) * 1.35
     fat_mm = float(np.clip(an.epicardial_fat_ml * 1000.0 / surface, 1.0, 12.0))
     # Position: the LV centre sits left, anterior, above the left hemidiaphragm.

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xcardia.atomic import write_atomic
 from xcardia.errors import XcardiaError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -361,8 +362,5 @@ class PreprocessCache:
         if heart_mask is not None and not Path(heart_mask).exists():
             raise XcardiaError(f"heart mask {heart_mask} does not exist (manifest column heart_mask_path)")
         array = preprocess_ct(p, cache.spec, heart_mask)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, entry)
+        write_atomic(entry, lambda tmp: np.save(tmp, array), suffix=".npy")
         return array

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from xcardia.atomic import write_atomic
 from xcardia.errors import XcardiaError
 from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
 
@@ -33,9 +34,7 @@ def save_encoder(path: str | os.PathLike, encoder: ImageEncoder, metadata: dict)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": ENCODER_FORMAT, "version": 1, "spec": encoder.spec.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}, "metadata": metadata}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
