@@ -244,9 +244,10 @@ def traversal_positions(values: np.ndarray, n: int = 6) -> np.ndarray:
 
 
 def nw_explanations(run_dir, manifest: pd.DataFrame, n_queries: int = 3, top: int = 3, cache_dir=None,
-                    seed: int = 0) -> list[dict]:
-    """For test patients chosen at random (seeded): the run's NW prediction from its selected epoch's bank, and the supports
-    with the largest weights (manifest rows, weights, concept targets)."""
+                    seed: int = 0, positions=None) -> list[dict]:
+    """For test patients chosen at random (seeded), or at ``positions`` among the test patients: the run's NW
+    prediction from its selected epoch's bank, and the supports with the largest weights (manifest rows, weights,
+    concept targets)."""
     from xcardia.embeddings import embed_run, load_run_model, run_bank
     from xcardia.models.xcardia_model import XCardiaModel
 
@@ -257,7 +258,8 @@ def nw_explanations(run_dir, manifest: pd.DataFrame, n_queries: int = 3, top: in
                                   config["pretrain"]["nw_query"])
     tau = model.nw_temperature().item()
     pred, weights = nw_predict(query, bank.embeddings, bank.targets, tau)
-    chosen = np.random.default_rng(seed).choice(len(query), size=min(n_queries, len(query)), replace=False)
+    chosen = (np.asarray(positions, dtype=int) if positions is not None else
+              np.random.default_rng(seed).choice(len(query), size=min(n_queries, len(query)), replace=False))
     out = []
     for q in chosen:
         order = torch.argsort(weights[q], descending=True)[:top].numpy()

@@ -121,3 +121,31 @@ def plot_saliency_example(volume: np.ndarray, heart: np.ndarray, maps: dict[str,
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def nw_explorer(explain, load_volume, n_test: int, interactive: bool):
+    """Pick a test patient → its NW prediction, its top supports with their weights and concepts, and the CT slices
+    of query and supports. ``explain(position)`` returns one entry of :func:`xcardia.interpret.nw_explanations`;
+    ``load_volume(row)`` a CT. Headless (or without ipywidgets) it returns None: the static figure above stands in."""
+    if not interactive:
+        return None
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return None
+    short = ["IVSd", "LVPWd", "LVIDd", "LVIDs"]
+
+    def fmt(values):
+        return ", ".join(f"{s} {'–' if np.isnan(v) else f'{v:.2f}'}" for s, v in zip(short, values))
+
+    def show(test_patient: int):
+        e = explain(test_patient)
+        supports = e["supports"]
+        fig = plot_nw_explanations([load_volume(e["row"])], [f"query: predicted {fmt(e['prediction'])}\ntruth {fmt(e['truth'])}"],
+                                   [[load_volume(s["row"]) for s in supports]],
+                                   [[f"w = {s['weight']:.2f}\n{fmt(s['concepts'])}" for s in supports]])
+        plt.show()
+        return fig
+
+    return widgets.interactive(show, test_patient=widgets.IntSlider(min=0, max=max(n_test - 1, 0), value=0,
+                                                                    description="test patient"))
