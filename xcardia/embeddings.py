@@ -68,6 +68,12 @@ def run_bank(run_dir: str | os.PathLike, which: str = "selected") -> SupportBank
     return SupportBank(bank["embeddings"][keep], bank["targets"][keep], bank["indices"][keep])
 
 
+def _run_preprocess(config: dict) -> PreprocessSpec:
+    """The preprocessing a run was trained with, from its configuration."""
+    return PreprocessSpec(**{**config["preprocess"], "shape": tuple(config["preprocess"]["shape"]),
+                             "hu_window": tuple(config["preprocess"]["hu_window"])})
+
+
 def _key(manifest: pd.DataFrame, rows: np.ndarray, run: Path, which: str) -> str:
     blob = json.dumps({"manifest": manifest.attrs.get("path"), "rows": rows.tolist(), "which": which,
                        "state_mtime": run_state_file(run, which).stat().st_mtime_ns})
@@ -89,8 +95,7 @@ def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train
     if cache_file.exists():
         return dict(np.load(cache_file))
     model, pre, config = load_run_model(run, which)
-    preprocess = PreprocessSpec(**{**config["preprocess"], "shape": tuple(config["preprocess"]["shape"]),
-                                   "hu_window": tuple(config["preprocess"]["hu_window"])})
+    preprocess = _run_preprocess(config)
     cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
     ds = CohortDataset(manifest, rows, cache, pre.transform(manifest), None, 0, in_memory=False)
     out: dict[str, list] = {"feature": [], "image": [], "tabular": [], "concepts": [], "labels": [], "rows": []}
@@ -155,8 +160,7 @@ def one_batch(run_dir: str | os.PathLike, manifest: pd.DataFrame, n: int = 16, c
     ``tab_missing``, ``concepts``): what notebook 02 pushes through the method by hand."""
     run = Path(run_dir)
     model, pre, config = load_run_model(run, which)
-    preprocess = PreprocessSpec(**{**config["preprocess"], "shape": tuple(config["preprocess"]["shape"]),
-                                   "hu_window": tuple(config["preprocess"]["hu_window"])})
+    preprocess = _run_preprocess(config)
     cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
     train = np.flatnonzero(manifest["split"].astype(str).isin(("pretrain", "train")).to_numpy())
     rows = np.sort(np.random.default_rng(seed).choice(train, size=min(n, len(train)), replace=False))

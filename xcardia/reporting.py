@@ -114,7 +114,7 @@ def seed_aware_tables(y_test: np.ndarray, get_runs, inits, n_boot: int = 1000, s
             for task, cols in tasks:
                 r = seed_aware_interval(y_test[:, cols], [x[..., cols] for x in arm_a], [x[..., cols] for x in arm_b],
                                         n_boot=n_boot, seed=seed)
-                paired.append({"selection": selection, "comparison": f"{group_of(a).split('@')[0]} − {b.split('@')[0]}",
+                paired.append({"selection": selection, "comparison": f"{a.split('@')[0]} − {b.split('@')[0]}",
                                "task": task, "difference": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                                "n_seeds": r["n_seeds"], "n_tasks": r["n_tasks"], "per_seed": r["per_seed"],
                                "se_seed": r["se_seed"], "se_patient": r["se_patient"]})
