@@ -61,6 +61,19 @@ PERICARDIUM_HU = 35.0
 CANCELLOUS_HU = 230.0
 CORTICAL_HU = 650.0
 RIB_HU = 450.0
+MEDIASTINAL_FAT_HU = FAT_HU + 10.0
+PARACARDIAL_FAT_HU = FAT_HU + 5.0
+DISC_HU = 90.0  # intervertebral disc
+SPINOUS_PROCESS_HU = CORTICAL_HU * 0.7
+STERNUM_HU = 380.0
+EFFUSION_HU_MEAN_SD = (8.0, 4.0)  # transudate, non-contrast
+EFFUSION_HU_RANGE = (0.0, 15.0)
+CALCIUM_LESION_HU_RANGE = (400.0, 1000.0)  # a lesion's peak attenuation, before partial volume and noise
+PERICARDIUM_MM = 1.5
+LUNG_TEXTURE_SD_HU = 35.0  # parenchymal texture (vessels, septa) at ≈3 mm scale
+LUNG_TEXTURE_SCALE_MM = 3.0
+LUNG_DEPENDENT_HU_PER_MM = 0.25  # denser posteriorly: +0.25 HU per mm towards the back
+NOISE_CORRELATION_MM = 0.9
 
 
 @dataclass(frozen=True)
@@ -291,90 +304,139 @@ def _heart_layout(an: Anatomy, rng: np.random.Generator, thorax_w: float, thorax
     return _HeartLayout(centre=centre, basis=basis, shapes=shapes, walls=walls, fat_mm=fat_mm)
 
 
-# ----------------------------------------------------------------------------------------------- rendering
-def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> RenderedCT:
-    """Render one patient's CT and label map. Deterministic given ``rng``'s state."""
-    an = anatomy
-    sp = float(spec.spacing_mm)
-    thorax_w, thorax_d = an.thorax_half_width_mm, an.thorax_half_depth_mm
-    dome_right = -30.0 + rng.normal(0.0, 8.0)
-    dome_left = dome_right - 15.0 + rng.normal(0.0, 5.0)
-    heart = _heart_layout(an, rng, thorax_w, thorax_d, dome_left)
-    world_heart = heart.centre + heart.basis @ np.array([-10.0, 8.0, 0.0])  # roughly the centre of all four chambers
+# ----------------------------------------------------------------------------------------------- scan framing
+@dataclass(frozen=True)
+class _Diaphragm:
+    """Heights (mm) of the right and left hemidiaphragm domes; the left sits lower, under the heart."""
 
-    # Field of view: thorax-centred (paper) or heart-centred (CPU profiles), with positioning jitter.
+    right: float
+    left: float
+
+
+@dataclass(frozen=True)
+class _FieldOfView:
+    """Where the scanner put the image: its first voxel (world mm), in-plane patient rotation and target centre."""
+
+    shape: tuple[int, int, int]
+    origin: np.ndarray
+    rotation_z: float
+    centre: np.ndarray  # anatomy coordinates of the field-of-view centre
+    world_heart: np.ndarray  # roughly the centre of all four chambers
+
+
+def _diaphragm(rng: np.random.Generator) -> _Diaphragm:
+    right = -30.0 + rng.normal(0.0, 8.0)
+    return _Diaphragm(right=right, left=right - 15.0 + rng.normal(0.0, 5.0))
+
+
+def _field_of_view(rng: np.random.Generator, spec: RenderSpec, heart: _HeartLayout) -> _FieldOfView:
+    """Thorax-centred (the paper) or heart-centred (CPU profiles), with positioning jitter."""
+    sp = float(spec.spacing_mm)
+    world_heart = heart.centre + heart.basis @ np.array([-10.0, 8.0, 0.0])
     rot_z = math.radians(rng.normal(0.0, 3.0))
     if spec.field_of_view == "chest":
-        fov_centre = np.array([rng.normal(0, 10.0), rng.normal(-5.0, 8.0), world_heart[2] + 15.0 + rng.normal(0, 12.0)])
+        centre = np.array([rng.normal(0, 10.0), rng.normal(-5.0, 8.0), world_heart[2] + 15.0 + rng.normal(0, 12.0)])
     else:
-        fov_centre = world_heart + rng.normal(0.0, 6.0, size=3)
+        centre = world_heart + rng.normal(0.0, 6.0, size=3)
     shape = tuple(int(s) for s in spec.shape)
     c, s = math.cos(rot_z), math.sin(rot_z)
     rot_world = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-    fov_world = rot_world @ fov_centre
-    origin = fov_world - sp * (np.asarray(shape) - 1) / 2.0
-    cv = _Canvas(shape, sp, origin, rot_z)
-    full = (slice(None), slice(None), slice(None))
-    X, Y, Z = cv.coords(full)
+    origin = rot_world @ centre - sp * (np.asarray(shape) - 1) / 2.0
+    return _FieldOfView(shape=shape, origin=origin, rotation_z=rot_z, centre=centre, world_heart=world_heart)
 
-    # Body: subcutaneous fat, muscle/ribcage wall, then the thoracic cavity (mediastinal fat by default).
-    inner_w, inner_d = thorax_w, thorax_d
-    wall = an.chest_wall_mm
-    fat = an.subcutaneous_fat_mm
+
+# ----------------------------------------------------------------------------------------------- the painters
+# Each painter paints one structure onto the canvas, in anatomical order (later paint covers earlier), and draws
+# from ``rng`` in a fixed order: render_ct calls them in the order that defines every cohort's voxels.
+
+@dataclass(frozen=True)
+class _Thorax:
+    """The whole-image anatomy coordinates and the thoracic cavity the body painter leaves for the others."""
+
+    X: np.ndarray
+    Y: np.ndarray
+    Z: np.ndarray
+    half_width: float  # inner (cavity) half-axes, mm
+    half_depth: float
+    d_cavity: np.ndarray  # signed distance to the thoracic cavity (2-D, broadcast over z)
+    spine_y: float
+
+
+FULL = (slice(None), slice(None), slice(None))
+
+
+def _paint_body(cv: _Canvas, an: Anatomy, rng: np.random.Generator) -> _Thorax:
+    """Subcutaneous fat, the muscle/ribcage wall, then the thoracic cavity (mediastinal fat by default)."""
+    X, Y, Z = cv.coords(FULL)
+    inner_w, inner_d = an.thorax_half_width_mm, an.thorax_half_depth_mm
+    wall, fat = an.chest_wall_mm, an.subcutaneous_fat_mm
     d_body = sdf_ellipse(X, Y + 8.0, inner_w + wall + fat * 1.2, inner_d + wall + fat)
-    cv.paint(full, d_body, FAT_HU + rng.normal(0, 4), STRUCTURES["fat"])
-    cv.paint(full, sdf_ellipse(X, Y + 8.0, inner_w + wall, inner_d + wall), MUSCLE_HU, STRUCTURES["muscle"])
+    cv.paint(FULL, d_body, FAT_HU + rng.normal(0, 4), STRUCTURES["fat"])
+    cv.paint(FULL, sdf_ellipse(X, Y + 8.0, inner_w + wall, inner_d + wall), MUSCLE_HU, STRUCTURES["muscle"])
     d_thorax = sdf_ellipse(X, Y, inner_w, inner_d)
-    cv.paint(full, d_thorax, FAT_HU + 10.0, STRUCTURES["fat"])
+    cv.paint(FULL, d_thorax, MEDIASTINAL_FAT_HU, STRUCTURES["fat"])
+    return _Thorax(X=X, Y=Y, Z=Z, half_width=inner_w, half_depth=inner_d, d_cavity=d_thorax, spine_y=-inner_d + 25.0)
 
-    # Diaphragm domes; below them the upper abdomen (liver on the right).
+
+def _paint_abdomen(cv: _Canvas, body: _Thorax, diaphragm: _Diaphragm) -> np.ndarray:
+    """The diaphragm domes and, below them, the upper abdomen (liver on the right). Returns the dome height map."""
+    X, Y, Z, w, d = body.X, body.Y, body.Z, body.half_width, body.half_depth
     dome = np.maximum(
-        dome_right - ((X - 0.45 * inner_w) ** 2 / (0.75 * inner_w) ** 2 + (Y / inner_d) ** 2) * 70.0,
-        dome_left - ((X + 0.45 * inner_w) ** 2 / (0.75 * inner_w) ** 2 + (Y / inner_d) ** 2) * 70.0,
+        diaphragm.right - ((X - 0.45 * w) ** 2 / (0.75 * w) ** 2 + (Y / d) ** 2) * 70.0,
+        diaphragm.left - ((X + 0.45 * w) ** 2 / (0.75 * w) ** 2 + (Y / d) ** 2) * 70.0,
     )
-    d_abdomen = np.maximum(d_thorax, Z - dome)
-    cv.paint(full, d_abdomen, LIVER_HU, STRUCTURES["abdomen"])
+    cv.paint(FULL, np.maximum(body.d_cavity, Z - dome), LIVER_HU, STRUCTURES["abdomen"])
+    return dome
 
-    # Lungs: the thoracic cavity lateral to the mediastinum, above the domes, below rounded apices.
-    lung_top = dome_right + 190.0 + rng.normal(0.0, 10.0)
-    sigma_tex = max(3.0 / sp, 0.5)
-    texture = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=sigma_tex, truncate=2.5)
-    texture *= np.float32(35.0 / _gaussian_noise_gain(sigma_tex, 2.5))
-    mediastinum_x = -0.08 * inner_w
-    d_lung_2d = np.maximum(d_thorax + 3.0, 0.16 * inner_w + 0.1 * np.maximum(Y, 0.0) - np.abs(X - mediastinum_x))
-    apex = lung_top - ((np.abs(X) - 0.5 * inner_w) ** 2 / (0.6 * inner_w) ** 2 + (Y / inner_d) ** 2) * 60.0
+
+def _paint_lungs(cv: _Canvas, body: _Thorax, dome: np.ndarray, diaphragm: _Diaphragm,
+                 rng: np.random.Generator) -> None:
+    """The cavity lateral to the mediastinum, above the domes, below rounded apices; textured, denser posteriorly."""
+    X, Y, Z, w, d = body.X, body.Y, body.Z, body.half_width, body.half_depth
+    sp = cv.spacing
+    lung_top = diaphragm.right + 190.0 + rng.normal(0.0, 10.0)
+    sigma_tex = max(LUNG_TEXTURE_SCALE_MM / sp, 0.5)
+    texture = gaussian_filter(rng.standard_normal(cv.shape, dtype=np.float32), sigma=sigma_tex, truncate=2.5)
+    texture *= np.float32(LUNG_TEXTURE_SD_HU / _gaussian_noise_gain(sigma_tex, 2.5))
+    mediastinum_x = -0.08 * w
+    d_lung_2d = np.maximum(body.d_cavity + 3.0, 0.16 * w + 0.1 * np.maximum(Y, 0.0) - np.abs(X - mediastinum_x))
+    apex = lung_top - ((np.abs(X) - 0.5 * w) ** 2 / (0.6 * w) ** 2 + (Y / d) ** 2) * 60.0
     d_lung = np.maximum(np.maximum(d_lung_2d, dome + 2.0 - Z), Z - apex)
-    texture += LUNG_HU - 0.25 * Y  # denser posteriorly (dependent lung)
-    cv.paint(full, d_lung, texture, STRUCTURES["lung"])
-    del texture, d_lung
+    texture += LUNG_HU - LUNG_DEPENDENT_HU_PER_MM * Y  # denser posteriorly (dependent lung)
+    cv.paint(FULL, d_lung, texture, STRUCTURES["lung"])
 
-    # Bones: vertebral body with discs, ribs sloping anteriorly-down, sternum.
-    spine_y = -inner_d + 25.0
+
+def _paint_bones(cv: _Canvas, body: _Thorax, heart_z: float) -> None:
+    """Vertebral body with discs, spinous process, ribs sloping anteriorly-down (cartilage gap in front), sternum."""
+    X, Y, Z, w, d = body.X, body.Y, body.Z, body.half_width, body.half_depth
+    spine_y = body.spine_y
     d_vert = np.sqrt(X**2 + (Y - spine_y) ** 2) - 19.0
     disc = np.abs(((Z + 0.0) % 30.0) - 15.0) < 3.0
-    cv.paint(full, d_vert, np.where(disc, 90.0, CORTICAL_HU).astype(np.float32), STRUCTURES["bone"])
-    cv.paint(full, d_vert + 3.0, np.where(disc, 90.0, CANCELLOUS_HU).astype(np.float32), None)
-    cv.paint(full, np.sqrt(X**2 + (Y - spine_y + 30.0) ** 2) - 9.0, CORTICAL_HU * 0.7, STRUCTURES["bone"])
-    ring = np.maximum(-sdf_ellipse(X, Y, inner_w + 1.0, inner_d + 1.0), sdf_ellipse(X, Y, inner_w + 11.0, inner_d + 11.0))
+    cv.paint(FULL, d_vert, np.where(disc, DISC_HU, CORTICAL_HU).astype(np.float32), STRUCTURES["bone"])
+    cv.paint(FULL, d_vert + 3.0, np.where(disc, DISC_HU, CANCELLOUS_HU).astype(np.float32), None)
+    cv.paint(FULL, np.sqrt(X**2 + (Y - spine_y + 30.0) ** 2) - 9.0, SPINOUS_PROCESS_HU, STRUCTURES["bone"])
+    ring = np.maximum(-sdf_ellipse(X, Y, w + 1.0, d + 1.0), sdf_ellipse(X, Y, w + 11.0, d + 11.0))
     angle_from_front = np.degrees(np.abs(np.arctan2(X, Y)))
     ring = np.where(angle_from_front < 22.0, 50.0, ring)  # costal cartilage gap at the front
     rib_phase = np.abs(((Z + 0.35 * Y) % 32.0) - 16.0) - 5.0
-    cv.paint(full, np.maximum(ring, rib_phase), RIB_HU, STRUCTURES["bone"])
-    sternum = np.maximum(np.maximum(np.abs(X) - 16.0, np.abs(Y - inner_d - 4.0) - 7.0), np.abs(Z - world_heart[2] - 40.0) - 90.0)
-    cv.paint(full, sternum, 380.0, STRUCTURES["bone"])
+    cv.paint(FULL, np.maximum(ring, rib_phase), RIB_HU, STRUCTURES["bone"])
+    sternum = np.maximum(np.maximum(np.abs(X) - 16.0, np.abs(Y - d - 4.0) - 7.0), np.abs(Z - heart_z - 40.0) - 90.0)  # sternum centred 4 cm above the heart
+    cv.paint(FULL, sternum, STERNUM_HU, STRUCTURES["bone"])
 
-    # Great vessels (blood, non-contrast): descending aorta, arch, ascending aorta, pulmonary trunk and branches, SVC.
-    blood = an.blood_hu
+
+def _paint_great_vessels(cv: _Canvas, an: Anatomy, heart: _HeartLayout, body: _Thorax, diaphragm: _Diaphragm) -> None:
+    """Blood (non-contrast) in the aorta (root, arch, descending), pulmonary trunk and branches, and the SVC."""
+    sp = cv.spacing
     to_world = lambda q: heart.centre + heart.basis @ q  # noqa: E731 - heart frame → anatomy coordinates
     root = to_world(heart.shapes["aortic_root"][0])
     ao_r = an.aorta_diameter_mm / 2.0
     arch_z = root[2] + 75.0
     asc_top = np.array([root[0] + 8.0, root[1] - 5.0, arch_z])
-    desc_top = np.array([-22.0, spine_y + 28.0, arch_z])
+    desc_top = np.array([-22.0, body.spine_y + 28.0, arch_z])
     arch_mid = (asc_top + desc_top) / 2.0 + np.array([0.0, 0.0, 18.0])
     segments = [
         (root, asc_top, ao_r, "aorta"), (asc_top, arch_mid, 0.9 * ao_r, "aorta"), (arch_mid, desc_top, 0.85 * ao_r, "aorta"),
-        (desc_top, np.array([-20.0, spine_y + 30.0, dome_left - 160.0]), 0.8 * ao_r, "aorta"),
+        (desc_top, np.array([-20.0, body.spine_y + 30.0, diaphragm.left - 160.0]), 0.8 * ao_r, "aorta"),
     ]
     rv_centre = to_world(heart.shapes["rv"][0])
     pa_start = rv_centre + np.array([-6.0, 8.0, 30.0])
@@ -394,11 +456,26 @@ def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> R
             continue
         x, y, z = cv.coords(sl)
         label = STRUCTURES["pulmonary_artery"] if name == "pulmonary_artery" else STRUCTURES["aorta"]
-        cv.paint(sl, sdf_capsule(x, y, z, a, b, radius), blood, label)
+        cv.paint(sl, sdf_capsule(x, y, z, a, b, radius), an.blood_hu, label)
 
-    # The heart, in its own frame: pericardial layers first, chambers last (the LV over the septum).
-    facts = {"epicardial_fat_mm": heart.fat_mm, "lv_wall_at_phase_mm": heart.walls["lv"]}
-    outer = heart.fat_mm + an.effusion_mm + 1.5  # epicardial fat + effusion + pericardium
+
+@dataclass(frozen=True)
+class _HeartBox:
+    """The box around the heart, its voxels in the heart frame (q1 base→apex, q2 towards the RV, q3) and the
+    pericardial union's signed distance — what calcium, motion blur and the calcium label need afterwards."""
+
+    sl: tuple[slice, slice, slice]
+    q1: np.ndarray
+    q2: np.ndarray
+    q3: np.ndarray
+    union: np.ndarray
+    outer_mm: float  # epicardial fat + effusion + pericardium
+
+
+def _paint_heart(cv: _Canvas, an: Anatomy, heart: _HeartLayout, rng: np.random.Generator) -> _HeartBox:
+    """The heart, in its own frame: pericardial layers first, chambers last (the LV over the septum)."""
+    sp = cv.spacing
+    outer = heart.fat_mm + an.effusion_mm + PERICARDIUM_MM
     para = float(np.clip(3.0 + 0.5 * (an.subcutaneous_fat_mm - 10.0), 2.0, 16.0))  # paracardial fat
     lo, hi = heart.bounds(margin=outer + para + 12.0)
     sl = cv.box((lo + hi) / 2.0, (hi - lo) / 2.0)
@@ -439,13 +516,13 @@ def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> R
     d_root = d_of("aortic_root", 2.0)
     union = smooth_min(smooth_min(d_lv_out, d_rv_out, 10.0), smooth_min(d_la_out, d_ra_out, 10.0), 10.0)
     union = smooth_min(union, d_root, 6.0)
-    cv.paint(sl, union - (outer + para), FAT_HU + 5.0, STRUCTURES["fat"])
-    cv.paint(sl, union - outer, PERICARDIUM_HU, None)  # the pericardium: a 1.5 mm line, partial volume only
+    cv.paint(sl, union - (outer + para), PARACARDIAL_FAT_HU, STRUCTURES["fat"])
+    cv.paint(sl, union - outer, PERICARDIUM_HU, None)  # the pericardium: a thin line, partial volume only
     if an.effusion_mm > 0:
-        effusion_hu = float(np.clip(rng.normal(8.0, 4.0), 0.0, 15.0))
+        effusion_hu = float(np.clip(rng.normal(*EFFUSION_HU_MEAN_SD), *EFFUSION_HU_RANGE))
         cv.paint(sl, union - (heart.fat_mm + an.effusion_mm), effusion_hu, STRUCTURES["effusion"])
     cv.paint(sl, union - heart.fat_mm, EPICARDIAL_FAT_HU + rng.normal(0, 4), STRUCTURES["epicardial_fat"])
-    myo, lab = an.myocardium_hu, STRUCTURES
+    myo, blood, lab = an.myocardium_hu, an.blood_hu, STRUCTURES
     for name, d_out, wall_label, cavity_label in (
         ("la", d_la_out, lab["other_myocardium"], lab["la_cavity"]),
         ("ra", d_ra_out, lab["other_myocardium"], lab["ra_cavity"]),
@@ -456,10 +533,18 @@ def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> R
     cv.paint(sl, d_root, blood, lab["aorta"])
     cv.paint(sl, d_lv_out, myo, lab["lv_myocardium"])
     cv.paint(sl, d_of("lv_cavity"), blood, lab["lv_cavity"])
+    return _HeartBox(sl=sl, q1=q1, q2=q2, q3=q3, union=union, outer_mm=outer)
 
-    # Calcium: coronary lesions in the epicardial fat along the grooves; aortic valve ring; mitral annulus.
+
+def _paint_calcium(cv: _Canvas, an: Anatomy, heart: _HeartLayout, box: _HeartBox, rng: np.random.Generator) -> np.ndarray:
+    """Coronary lesions in the epicardial fat along the grooves, the aortic valve ring, the mitral annulus.
+
+    Returns each heart-box voxel's candidate calcium label (0 where none); :func:`_label_calcium` keeps those
+    that end up at or above the Agatston threshold once noise is added.
+    """
     calcium = []  # (heart-frame centre, radius mm, HU, label)
     h_lv, r_lv, _ = heart.shapes["lv_outer"][1]
+    lab = STRUCTURES
 
     def lesion_sites(n_sites: int, volume_mm3: float, make_site, label: int):
         if volume_mm3 <= 0 or n_sites <= 0:
@@ -467,7 +552,7 @@ def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> R
         shares = rng.dirichlet(np.ones(n_sites))
         for share in shares:
             radius = max((3.0 * volume_mm3 * share / (4.0 * math.pi)) ** (1.0 / 3.0), 0.6)
-            calcium.append((make_site(), radius, float(rng.uniform(400.0, 1000.0)), label))
+            calcium.append((make_site(), radius, float(rng.uniform(*CALCIUM_LESION_HU_RANGE)), label))
 
     def coronary_site():
         vessel = rng.choice(3, p=[0.45, 0.25, 0.30])  # LAD, LCx, RCA
@@ -494,39 +579,73 @@ def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> R
     mitral_c = np.array([-heart.shapes["lv_cavity"][1][0] * 0.95, 0.0, 0.0])
     lesion_sites(3 if an.mac_volume_mm3 > 0 else 0, an.mac_volume_mm3,
                  lambda: ring_site(mitral_c, r_lv * 0.95, (math.pi * 0.8, math.pi * 1.9)), lab["valve_calcium"])
-    calcium_alpha = np.zeros(cv.hu[sl].shape, dtype=np.float32)
-    calcium_label = np.zeros(cv.hu[sl].shape, dtype=np.uint8)
+    calcium_alpha = np.zeros(cv.hu[box.sl].shape, dtype=np.float32)
+    calcium_label = np.zeros(cv.hu[box.sl].shape, dtype=np.uint8)
     for centre, radius, hu, label in calcium:
-        d = np.sqrt((q1 - centre[0]) ** 2 + (q2 - centre[1]) ** 2 + (q3 - centre[2]) ** 2) - radius
-        alpha = cv.paint(sl, d, hu, None)
+        d = np.sqrt((box.q1 - centre[0]) ** 2 + (box.q2 - centre[1]) ** 2 + (box.q3 - centre[2]) ** 2) - radius
+        alpha = cv.paint(box.sl, d, hu, None)
         newer = alpha > calcium_alpha
         calcium_label[newer & (alpha >= 0.25)] = label
         np.maximum(calcium_alpha, alpha, out=calcium_alpha)
+    return calcium_label
 
-    # Cardiac motion blurs the heart and its borders (non-gated): more at high rates and in systole.
+
+def _blur_cardiac_motion(cv: _Canvas, an: Anatomy, box: _HeartBox) -> float:
+    """Non-gated: motion blurs the heart and its borders, more at high rates and in systole. Returns the blur (mm)."""
+    sp = cv.spacing
     systolic = 1.0 if an.phase < 0.4 else 0.55
     blur_mm = 0.6 + 2.2 * systolic * float(np.clip((an.heart_rate_bpm - 45.0) / 70.0, 0.0, 1.0))
     if blur_mm / sp > 0.15:
-        region = cv.hu[sl]
+        region = cv.hu[box.sl]
         blurred = gaussian_filter(region, sigma=blur_mm / sp, truncate=3.0)
-        weight = np.clip(1.0 - (union - outer) / BLUR_REACH_MM, 0.0, 1.0).astype(np.float32)
+        weight = np.clip(1.0 - (box.union - box.outer_mm) / BLUR_REACH_MM, 0.0, 1.0).astype(np.float32)
         region += weight * (blurred - region)
-    facts["motion_blur_mm"] = blur_mm
+    return blur_mm
 
-    # Spatially correlated noise, correlation length ≈ 0.9 mm, SD as drawn for this patient (dose, body size).
-    sigma = 0.9 / sp
-    noise = rng.standard_normal(shape, dtype=np.float32)
+
+def _add_noise(cv: _Canvas, an: Anatomy, rng: np.random.Generator) -> None:
+    """Spatially correlated Gaussian noise (correlation length ≈ 0.9 mm) with this patient's SD (dose, body size)."""
+    sigma = NOISE_CORRELATION_MM / cv.spacing
+    noise = rng.standard_normal(cv.shape, dtype=np.float32)
     if sigma > 0.2:
         noise = gaussian_filter(noise, sigma=sigma, truncate=3.0)
         noise *= 1.0 / _gaussian_noise_gain(sigma, 3.0)
     cv.hu += np.float32(an.noise_sd_hu) * noise
 
-    # Calcium label: lesion voxels at or above the Agatston threshold of 130 HU, as a calcium score defines them.
-    region_lab = cv.lab[sl]
-    is_calcium = (calcium_label > 0) & (cv.hu[sl] >= CALCIUM_HU_THRESHOLD)
+
+def _label_calcium(cv: _Canvas, box: _HeartBox, calcium_label: np.ndarray) -> None:
+    """Lesion voxels at or above the Agatston threshold (130 HU), as a calcium score defines them."""
+    region_lab = cv.lab[box.sl]
+    is_calcium = (calcium_label > 0) & (cv.hu[box.sl] >= CALCIUM_HU_THRESHOLD)
     region_lab[is_calcium] = calcium_label[is_calcium]
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+def render_ct(anatomy: Anatomy, spec: RenderSpec, rng: np.random.Generator) -> RenderedCT:
+    """Render one patient's CT and label map. Deterministic given ``rng``'s state.
+
+    The stages draw from ``rng`` in the order below; that order is part of every cohort's voxels
+    (``tests/test_cohort_generate.py`` pins it byte for byte).
+    """
+    an = anatomy
+    diaphragm = _diaphragm(rng)
+    heart = _heart_layout(an, rng, an.thorax_half_width_mm, an.thorax_half_depth_mm, diaphragm.left)
+    view = _field_of_view(rng, spec, heart)
+    cv = _Canvas(view.shape, float(spec.spacing_mm), view.origin, view.rotation_z)
+    body = _paint_body(cv, an, rng)
+    dome = _paint_abdomen(cv, body, diaphragm)
+    _paint_lungs(cv, body, dome, diaphragm, rng)
+    _paint_bones(cv, body, heart_z=view.world_heart[2])
+    _paint_great_vessels(cv, an, heart, body, diaphragm)
+    box = _paint_heart(cv, an, heart, rng)
+    calcium_label = _paint_calcium(cv, an, heart, box, rng)
+    blur_mm = _blur_cardiac_motion(cv, an, box)
+    _add_noise(cv, an, rng)
+    _label_calcium(cv, box, calcium_label)
+
     hu = np.clip(np.rint(cv.hu), -1024, 3071).astype(np.int16)
-    affine = np.diag([sp, sp, sp, 1.0])
-    affine[:3, 3] = origin
-    facts["fov_centre_offset_mm"] = float(np.linalg.norm(fov_centre - world_heart))
+    affine = np.diag([cv.spacing] * 3 + [1.0])
+    affine[:3, 3] = view.origin
+    facts = {"epicardial_fat_mm": heart.fat_mm, "lv_wall_at_phase_mm": heart.walls["lv"], "motion_blur_mm": blur_mm,
+             "fov_centre_offset_mm": float(np.linalg.norm(view.centre - view.world_heart))}
     return RenderedCT(hu=hu, labelmap=cv.lab, affine=affine, facts=facts)
