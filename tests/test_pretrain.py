@@ -174,6 +174,26 @@ def test_saved_selection_reproduces_the_logged_validation_score_of_its_epoch(tin
     assert (run / "encoder_last.pt").exists()
 
 
+def test_the_run_folder_knows_every_file_the_engine_writes(tiny_cohort, tmp_path):
+    """Issue 14: one object names a run's files; the engine writes nothing it does not know, and a queue run's
+    bank read back through it holds only filled slots (a row −1 would index the last patient)."""
+    from xcardia.run_folder import LOCK_NAME, RunFolder
+
+    model_spec, spec, pre = tiny_pretrain_specs("xcardia", epochs=1, bank="queue")
+    folder = RunFolder(pretrain(tiny_cohort, tmp_path / "run", model_spec, spec, pre, cache_dir=tmp_path / "cache",
+                                **QUIET))
+    known = {folder.CHECKPOINT, folder.SELECTED, folder.ENCODER, folder.ENCODER_LAST, folder.RUN_JSON,
+             folder.LOG_JSON, folder.LOG_CSV, LOCK_NAME}
+    assert {p.name for p in folder.path.iterdir()} == known
+    assert folder.holds_a_run() and folder.info()["status"] == "complete"
+    assert folder.log()["epoch"].tolist() == [1]
+    for which in ("selected", "last"):
+        bank = folder.bank(which)
+        assert len(bank) > 0 and bool((bank.indices >= 0).all())
+    with pytest.raises(XcardiaError, match="holds no selected.pt"):
+        RunFolder(tmp_path / "empty").state_file("selected")
+
+
 def test_two_processes_cannot_write_one_run_folder(tiny_cohort, tmp_path):
     """Issue 12: the second pretraining into the same --out fails at once, naming the owner; the first is intact."""
     from xcardia.run_folder import RunLock

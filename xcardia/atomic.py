@@ -5,8 +5,11 @@ previous version, if any, stays intact. Every file the project writes goes throu
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 def write_atomic(path: str | os.PathLike, write, suffix: str = "") -> Path:
@@ -34,8 +37,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_json_atomic(path: str | os.PathLike, payload, indent: int = 2) -> Path:
-    """``payload`` as JSON (NumPy scalars, NaN and tuples made JSON-safe by :func:`xcardia.results.to_jsonable`)."""
-    from xcardia.results import to_jsonable
+def to_jsonable(value):
+    """Plain JSON types: numpy scalars/arrays → Python, NaN/inf → None, tuples → lists, Paths → str."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [to_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return to_jsonable(value.to_dict())
+    return value
 
+
+def write_json_atomic(path: str | os.PathLike, payload, indent: int = 2) -> Path:
+    """``payload`` as JSON (NumPy scalars, NaN and tuples made JSON-safe by :func:`to_jsonable`)."""
     return write_text_atomic(path, json.dumps(to_jsonable(payload), indent=indent) + "\n")

@@ -301,7 +301,7 @@ def _cmd_bench(args) -> int:
     results = run(args.scale or ("quick" if args.quick else "full"), only)
     print(format_table(results))
     if args.json:
-        from xcardia.results import write_json_atomic
+        from xcardia.atomic import write_json_atomic
 
         write_json_atomic(args.json, results)
     return 0

@@ -20,35 +20,19 @@ from xcardia.schema import CONCEPT_NAMES
 from xcardia.data.dataset import CohortDataset
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
 from xcardia.atomic import write_atomic
-from xcardia.errors import XcardiaError
 from xcardia.losses import nw_predict
+from xcardia.metrics import concept_metrics
 from xcardia.models.tabular_encoder import TabularPreprocessor
 from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
+from xcardia.run_folder import RunFolder
 from xcardia.support_bank import SupportBank, kmeans_exemplars
-
-
-def run_state_file(run_dir: str | os.PathLike, which: str = "selected") -> Path:
-    """The file holding a run's whole model at one epoch: ``selected`` (the epoch the paper's rule chose:
-    ``selected.pt``) or ``last`` (``checkpoint.pt``)."""
-    run = Path(run_dir)
-    if which not in ("selected", "last"):
-        raise XcardiaError(f"which must be 'selected' or 'last', got {which!r}")
-    path = run / ("selected.pt" if which == "selected" else "checkpoint.pt")
-    if not path.exists():
-        raise XcardiaError(f"{run} holds no {path.name}; pretrain it (again) with this version of xcardia")
-    return path
-
-
-def load_run_state(run_dir: str | os.PathLike, which: str = "selected") -> dict:
-    """The saved state of one epoch of a run: ``model``, ``tabular``, ``bank``, ``config``, ``epoch``."""
-    return torch.load(run_state_file(run_dir, which), map_location="cpu", weights_only=True)
 
 
 def load_run_model(run_dir: str | os.PathLike, which: str = "selected") -> tuple[XCardiaModel, TabularPreprocessor, dict]:
     """The full pretraining model of one epoch of a run — image encoder, tabular tower, projections and
     temperatures all from that epoch (never an encoder of one epoch beside a tabular tower of another) — with its
     tabular preprocessing and the run configuration."""
-    state = load_run_state(run_dir, which)
+    state = RunFolder(run_dir).load_state(which)
     config = state["config"]
     pre = TabularPreprocessor.from_state_dict(state["tabular"])
     model = XCardiaModel(ModelSpec.from_dict(config["model"]), len(pre.columns))
@@ -58,14 +42,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "selected") -> tuple
 
 def run_bank(run_dir: str | os.PathLike, which: str = "selected") -> SupportBank | None:
     """The support bank the run's NW head used at that epoch's validation (unfilled queue slots dropped)."""
-    state = load_run_state(run_dir, which)
-    bank = state.get("bank")
-    if which == "last" and bank is None:
-        bank = state.get("queue")
-    if bank is None:
-        return None
-    keep = bank["indices"] >= 0
-    return SupportBank(bank["embeddings"][keep], bank["targets"][keep], bank["indices"][keep])
+    return RunFolder(run_dir).bank(which)
 
 
 def _run_preprocess(config: dict) -> PreprocessSpec:
@@ -74,9 +51,9 @@ def _run_preprocess(config: dict) -> PreprocessSpec:
                              "hu_window": tuple(config["preprocess"]["hu_window"])})
 
 
-def _key(manifest: pd.DataFrame, rows: np.ndarray, run: Path, which: str) -> str:
+def _key(manifest: pd.DataFrame, rows: np.ndarray, run: RunFolder, which: str) -> str:
     blob = json.dumps({"manifest": manifest.attrs.get("path"), "rows": rows.tolist(), "which": which,
-                       "state_mtime": run_state_file(run, which).stat().st_mtime_ns})
+                       "state_mtime": run.state_file(which).stat().st_mtime_ns})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -89,14 +66,14 @@ def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train
         ``feature`` (N, 128) image features (what downstream models use), ``image`` and ``tabular`` (N, 256)
         projections, ``concepts`` (N, 4), ``labels`` (N, 10), ``rows`` (N,) manifest positions.
     """
-    run = Path(run_dir)
+    run = RunFolder(run_dir)
     rows = np.flatnonzero(manifest["split"].astype(str).isin(splits).to_numpy())
-    cache_file = run / "embeddings" / f"{'-'.join(splits)}_{_key(manifest, rows, run, which)}.npz"
+    cache_file = run.embeddings / f"{'-'.join(splits)}_{_key(manifest, rows, run, which)}.npz"
     if cache_file.exists():
         return dict(np.load(cache_file))
     model, pre, config = load_run_model(run, which)
     preprocess = _run_preprocess(config)
-    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
+    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.path.parent.parent / "cache", preprocess)
     ds = CohortDataset(manifest, rows, cache, pre.transform(manifest), None, 0, in_memory=False)
     out: dict[str, list] = {"feature": [], "image": [], "tabular": [], "concepts": [], "labels": [], "rows": []}
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
@@ -124,8 +101,6 @@ def nw_query_comparison(run_dir, manifest: pd.DataFrame, cache_dir=None, k_per_c
     For each query kind, the support bank is the paper's k-means exemplars of the training patients embedded
     the same way; the temperature is the run's (learned or fixed) NW τ unless ``temperatures`` are given.
     """
-    from xcardia.metrics import auroc
-
     model, _, _ = load_run_model(run_dir)
     train = embed_run(run_dir, manifest, ("pretrain", "train"), cache_dir)
     val = embed_run(run_dir, manifest, ("val",), cache_dir)
@@ -136,11 +111,9 @@ def nw_query_comparison(run_dir, manifest: pd.DataFrame, cache_dir=None, k_per_c
         picks = kmeans_exemplars(support.numpy(), train["concepts"], k_per_concept, seed)
         for tau in taus:
             pred, _ = nw_predict(_query(val, mode), support[picks], torch.as_tensor(train["concepts"][picks]), tau)
-            row = {"query": mode, "nw_temperature": tau}
-            for c, name in enumerate(CONCEPT_NAMES):
-                row[name] = auroc(val["concepts"][:, c], pred[:, c].numpy())
-            row["mean"] = float(np.nanmean([row[n] for n in CONCEPT_NAMES]))
-            rows.append(row)
+            scores = concept_metrics(pred.numpy(), val["concepts"])
+            rows.append({"query": mode, "nw_temperature": tau,
+                         **{name: scores[f"{name}_auroc"] for name in CONCEPT_NAMES}, "mean": scores["concept_auroc"]})
     return pd.DataFrame(rows)
 
 

@@ -40,6 +40,7 @@ from xcardia.losses import masked_bce_with_logits, pos_weight_from_subset
 from xcardia.metrics import auprc, auroc
 from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
 from xcardia.models.weights import load_encoder
+from xcardia.run_folder import RunFolder, RunLock, cohort_fingerprint, describe_cohort_change
 
 PROTOCOLS = ("paper", "probe", "scratch_all")
 
@@ -425,12 +426,10 @@ def load_predictions(path: str | os.PathLike) -> dict:
 
 # ------------------------------------------------------------------------------------------ runs with files
 def _fingerprint(profile, manifest, inits: dict, spec: FinetuneSpec, seed: int, part: str) -> dict:
-    from xcardia.run_folder import cohort_fingerprint
-
     sources = {}
     for name, source in inits.items():
         p = Path(str(source))
-        encoder = p / "encoder.pt" if p.is_dir() else p
+        encoder = RunFolder(p).encoder if p.is_dir() else p
         sources[name] = {"source": str(source), "mtime": encoder.stat().st_mtime_ns if encoder.exists() else None}
     return {"part": part, "profile": profile.name, "manifest": str(Path(manifest.attrs["path"]).resolve()),
             "cohort": cohort_fingerprint(manifest), "inits": sources, "spec": asdict(spec), "seed": seed}
@@ -455,7 +454,6 @@ def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir
     out = Path(out_dir)
     prefix = "" if part == "finetune" else "kshot_"
     files = {k: out / f"{prefix}{k}" for k in ("records.csv", "predictions.npz", "subsets.json")}
-    from xcardia.run_folder import RunLock, describe_cohort_change
 
     manifest = load_manifest(manifest_path)
     fingerprint = _fingerprint(profile, manifest, inits, spec, seed, part)
@@ -528,7 +526,7 @@ def profile_inits(profile, runs_dir, last_epoch: bool = True) -> dict[str, str]:
     if last_epoch:
         for name in profile.pretrain_runs:
             if groups[group_of(name)] > 1:
-                inits[name + LAST_SUFFIX] = str(runs / name / "encoder_last.pt")
+                inits[name + LAST_SUFFIX] = str(RunFolder(runs / name).encoder_last)
     return inits
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from xcardia.cohort.render import HEART_LABELS
 from xcardia.losses import nw_predict
-from xcardia.metrics import auroc, expected_calibration_error
+from xcardia.metrics import concept_metrics, masked_bce
 
 #: Phenotypes whose latent axes notebook 03 measures (manifest column → short name).
 AXIS_PHENOTYPES: dict[str, str] = {
@@ -113,15 +113,11 @@ def nw_temperature_sweep(support_emb: np.ndarray, support_targets: np.ndarray, q
     for tau in temperatures:
         for split, q in queries.items():
             pred, weights = nw_predict(torch.as_tensor(q, dtype=torch.float32), bank, bank_targets, float(tau))
-            p = pred.numpy()
-            y = targets[split]
-            observed = ~np.isnan(y) & ~np.isnan(p)
-            clipped = np.clip(p[observed], 1e-6, 1 - 1e-6)
-            bce = float(-np.mean(y[observed] * np.log(clipped) + (1 - y[observed]) * np.log(1 - clipped)))
-            rows.append({"tau": float(tau), "split": split,
-                         "concept_auroc": float(np.nanmean([auroc(y[:, c], p[:, c]) for c in range(y.shape[1])])),
-                         "ece": float(np.nanmean([expected_calibration_error(y[:, c], p[:, c]) for c in range(y.shape[1])])),
-                         "bce": bce, "effective_supports": float(np.mean(effective_supports(weights))),
+            p, y = pred.numpy(), targets[split]
+            scores = concept_metrics(p, y)
+            rows.append({"tau": float(tau), "split": split, "concept_auroc": scores["concept_auroc"],
+                         "ece": scores["concept_ece"], "bce": masked_bce(y, p),
+                         "effective_supports": float(np.mean(effective_supports(weights))),
                          "bank_size": int(len(bank))})
     return pd.DataFrame(rows)
 

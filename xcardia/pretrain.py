@@ -8,15 +8,14 @@ the public code's settings (NW τ = 1 fixed, KNN imputation, fused query); ``fix
 (from 0.1) and uses missing-value tokens. Whatever the variant, the defects of the public code stay fixed:
 unreadable CTs are errors, missing concepts are masked, negatives and the support bank are global under DDP.
 
-A run folder holds ``checkpoint.pt`` (everything needed to resume exactly, written atomically every epoch),
-``encoder.pt`` (the image encoder selected by the best validation concept mAP, as the paper selects), ``log.csv``
-and ``log.json`` (one row per epoch) and ``run.json`` (configuration, status, selection). Only ``pretrain`` and
-``train`` patients take gradient steps; ``val`` selects the model; ``test`` is never read.
+The run folder (:class:`xcardia.run_folder.RunFolder`) holds the checkpoint to resume from (written atomically every
+epoch), the selected epoch whole and its image encoder (best validation concept mAP, as the paper selects), the
+per-epoch log and ``run.json``. Only ``pretrain`` and ``train`` patients take gradient steps; ``val`` selects the
+model; ``test`` is never read.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -31,7 +30,6 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from xcardia import __version__
-from xcardia.atomic import write_atomic as _write_atomic
 from xcardia.schema import CONCEPT_NAMES
 from xcardia.data.dataset import AugmentSpec, CohortDataset
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
@@ -52,8 +50,8 @@ from xcardia.metrics import concept_metrics
 from xcardia.models.tabular_encoder import DEFAULT_TABULAR_COLUMNS, TabularPreprocessor, scarf_corrupt
 from xcardia.models.weights import save_encoder
 from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
-from xcardia.results import to_jsonable
-from xcardia.run_folder import RunLock, cohort_fingerprint, describe_cohort_change
+from xcardia.atomic import to_jsonable
+from xcardia.run_folder import RunFolder, cohort_fingerprint, describe_cohort_change
 from xcardia.support_bank import QueueBank, SupportBank, build_kmeans_bank, step_support
 
 from xcardia.specs import METHODS, VARIANTS, PretrainSpec  # noqa: F401 - the engine's spec, re-exported
@@ -157,20 +155,11 @@ class _Embedder:
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def _prepare_run_dir(out: Path, config: dict, resume: bool, fingerprint: dict | None = None) -> dict | None:
+def _prepare_run_dir(folder: RunFolder, config: dict, resume: bool, fingerprint: dict | None = None) -> dict | None:
     """Checks on the run folder; returns the checkpoint to resume from (or None), raises on conflicts."""
-    checkpoint = out / "checkpoint.pt"
-    run_json = out / "run.json"
+    checkpoint, out = folder.checkpoint, folder.path
     if resume:
-        if not checkpoint.exists():
-            raise XcardiaError(f"--resume: {checkpoint} does not exist; start without --resume")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated or foreign file: say so, never a traceback
-            raise XcardiaError(f"--resume: {checkpoint} is not a readable checkpoint ({type(exc).__name__}); "
-                               f"delete the run folder and start again") from None
-        if not isinstance(state, dict) or "config" not in state:
-            raise XcardiaError(f"--resume: {checkpoint} is not an xcardia checkpoint; use another --out")
+        state = folder.resume_state()
         changed = describe_cohort_change(state.get("cohort"), fingerprint) if fingerprint else None
         if changed:
             raise XcardiaError(f"--resume: the cohort changed since {checkpoint} was written ({changed}); "
@@ -183,7 +172,7 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool, fingerprint: dict | 
             raise XcardiaError(f"--resume: {out} already finished {state['epoch']} of {config['pretrain']['epochs']} "
                                f"epochs; pass a larger --epochs to continue it")
         return state
-    if checkpoint.exists() or run_json.exists():
+    if folder.holds_a_run():
         raise XcardiaError(f"{out} already holds a pretraining run; pass --resume to continue it or choose another --out")
     return None
 
@@ -194,10 +183,9 @@ def finished_run(out: str | os.PathLike, config: dict, fingerprint: dict | None 
     Raises:
         XcardiaError: the run is complete but the cohort changed since (reusing it would be silently wrong).
     """
-    run_json = Path(out) / "run.json"
-    if not run_json.exists():
+    info = RunFolder(out).info()
+    if info is None:
         return False
-    info = json.loads(run_json.read_text())
     same = info.get("status") == "complete" and info.get("config") == json.loads(json.dumps(config))
     changed = describe_cohort_change(info.get("cohort"), fingerprint) if (same and fingerprint) else None
     if changed:
@@ -227,11 +215,11 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
     Raises:
         XcardiaError: bad data, a conflicting run folder, or a resume with a different configuration.
     """
-    out = Path(out_dir)
+    folder = RunFolder(out_dir)
     device = init_from_environment()
-    lock = RunLock(out, "pretraining run").acquire() if is_main_process() else None
+    lock = folder.lock().acquire() if is_main_process() else None
     try:
-        return _pretrain(out, device, manifest_path, model_spec, spec, preprocess, cache_dir, resume, tabular_columns,
+        return _pretrain(folder, device, manifest_path, model_spec, spec, preprocess, cache_dir, resume, tabular_columns,
                          progress, on_step, log)
     finally:
         if lock is not None:
@@ -242,7 +230,7 @@ def pretrain(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, model
 class _Run:
     """Everything one pretraining run holds while it trains (built by :func:`_setup`)."""
 
-    out: Path
+    folder: RunFolder
     spec: PretrainSpec
     model_spec: ModelSpec
     preprocess: PreprocessSpec
@@ -285,11 +273,11 @@ class _Run:
         return self.queue.bank() if self.queue is not None else self.bank
 
 
-def _pretrain(out: Path, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
+def _pretrain(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
               cache_dir, resume: bool, tabular_columns, progress: bool, on_step, log) -> Path:
     main = is_main_process()
     say = log if main else (lambda *_: None)
-    run = _setup(out, device, manifest_path, model_spec, spec, preprocess, cache_dir, resume, tabular_columns,
+    run = _setup(folder, device, manifest_path, model_spec, spec, preprocess, cache_dir, resume, tabular_columns,
                  progress, say)
     for epoch in range(run.start_epoch, spec.epochs):
         sums, n_batches, wait, seconds = train_one_epoch(run, epoch, progress and main, on_step)
@@ -313,15 +301,14 @@ def _pretrain(out: Path, device, manifest_path, model_spec: ModelSpec, spec: Pre
             save_epoch(run, epoch, improved)
         barrier()
     if main:
-        _write_run_json(out, run.config, "complete", run.best, run.history, time.perf_counter() - run.started,
-                        run.fingerprint)
+        folder.write_run_json(_run_json(run, "complete"))
         say(f"[pretrain] {spec.method}: best epoch {run.best['epoch']} (val concept mAP {run.best['concept_map']:.3f}); "
-            f"encoder: {out / 'encoder.pt'}")
+            f"encoder: {folder.encoder}")
     barrier()
-    return out
+    return folder.path
 
 
-def _setup(out: Path, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
+def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec: PretrainSpec, preprocess: PreprocessSpec,
            cache_dir, resume: bool, tabular_columns, progress: bool, say) -> _Run:
     """Data, model, optimiser and (on ``resume``) the state of the last complete epoch, in the order that keeps
     every random draw where a straight run makes it."""
@@ -329,8 +316,9 @@ def _setup(out: Path, device, manifest_path, model_spec: ModelSpec, spec: Pretra
     manifest = load_manifest(manifest_path)
     config = run_config(model_spec, spec, preprocess, manifest.attrs["path"], tabular_columns)
     fingerprint = cohort_fingerprint(manifest)
-    resumed = _prepare_run_dir(out, config, resume, fingerprint)
+    resumed = _prepare_run_dir(folder, config, resume, fingerprint)
     barrier()
+    out = folder.path
     out.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
     _seed_everything(spec.seed)
@@ -377,7 +365,7 @@ def _setup(out: Path, device, manifest_path, model_spec: ModelSpec, spec: Pretra
     loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers,
                         drop_last=True, pin_memory=cuda, persistent_workers=False,
                         generator=torch.Generator().manual_seed(spec.seed))
-    run = _Run(out=out, spec=spec, model_spec=model_spec, preprocess=preprocess, config=config,
+    run = _Run(folder=folder, spec=spec, model_spec=model_spec, preprocess=preprocess, config=config,
                fingerprint=fingerprint, device=device, model=model, forward=forward, optimizer=optimizer,
                scheduler=scheduler, autocast=autocast, pre=pre, train_rows=train_rows, train_ds=train_ds,
                plain_ds=plain_ds, val_ds=val_ds, sampler=sampler, loader=loader,
@@ -497,31 +485,27 @@ def select_epoch(best: dict, row: dict) -> bool:
 def save_epoch(run: _Run, epoch: int, improved: bool) -> None:
     """Rank 0's files after an epoch, each written atomically: the selection whole (``selected.pt``) and its
     encoder (``encoder.pt``) when this epoch is selected, the last encoder, the logs, the checkpoint, ``run.json``."""
-    spec, model, out = run.spec, run.model, run.out
+    spec, model, folder = run.spec, run.model, run.folder
     meta = {"method": spec.method, "variant": spec.variant, "epoch": epoch + 1,
             "val_concept_map": run.history[-1].get("val_concept_map"), "selection": "best validation concept mAP",
             "model": run.model_spec.to_dict(), "preprocess": run.preprocess.key(), "xcardia_version": __version__,
-            "run": str(out.resolve())}
+            "run": str(folder.path.resolve())}
     if improved:  # the whole selection, so every later analysis uses one epoch (issue 11.5)
-        save_encoder(out / "encoder.pt", model.image_encoder, meta)
+        save_encoder(folder.encoder, model.image_encoder, meta)
         selected = {"model": model.state_dict(), "tabular": run.pre.state_dict(), "epoch": epoch + 1,
                     "bank": support_bank_state(run.bank, run.queue), "config": run.config,
                     "metrics": run.history[-1], "xcardia_version": __version__}
-        _write_atomic(out / SELECTED_FILE, lambda p: torch.save(selected, p))
-    save_encoder(out / "encoder_last.pt", model.image_encoder, {**meta, "selection": "last epoch"})
-    _write_logs(out, run.history)
+        folder.write_selected(selected)
+    save_encoder(folder.encoder_last, model.image_encoder, {**meta, "selection": "last epoch"})
+    folder.write_logs(run.history)
     state = {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step_count,
              "rng": _rng_state(), "bank": run.bank.state_dict() if run.bank is not None else None,
              "queue": run.queue.state_dict() if run.queue is not None else None, "tabular": run.pre.state_dict(),
              "history": run.history, "best": run.best, "config": run.config, "cohort": run.fingerprint,
              "wall_time_s": time.perf_counter() - run.started, "xcardia_version": __version__}
-    _write_atomic(out / "checkpoint.pt", lambda p: torch.save(state, p))
-    _write_run_json(out, run.config, "running", run.best, run.history, time.perf_counter() - run.started,
-                    run.fingerprint)
-
-
-SELECTED_FILE = "selected.pt"
+    folder.write_checkpoint(state)
+    folder.write_run_json(_run_json(run, "running"))
 
 
 def support_bank_state(bank: SupportBank | None, queue: QueueBank | None) -> dict | None:
@@ -551,33 +535,18 @@ def _image_embeddings_of(model: XCardiaModel, dataset: CohortDataset, train_rows
     return torch.nn.functional.normalize(e_img, dim=-1), targets[torch.as_tensor(keep, device=targets.device)]
 
 
-def _write_logs(out: Path, history: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-
-    def write_csv(path):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
-
-    _write_atomic(out / "log.csv", write_csv)
-    _write_atomic(out / "log.json", lambda p: p.write_text(json.dumps(history, indent=1) + "\n"))
-
-
-def _write_run_json(out: Path, config: dict, status: str, best: dict, history: list, seconds: float,
-                    fingerprint: dict | None = None) -> None:
-    payload = {"status": status, "config": config, "cohort": fingerprint,
-               "selection": {"criterion": "best validation concept mAP",
-               "epoch": best["epoch"], "val_concept_map": best["concept_map"]},
-               "epochs_done": len(history), "wall_time_s": round(seconds, 1), "xcardia_version": __version__}
-    _write_atomic(out / "run.json", lambda p: p.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n"))
+def _run_json(run: _Run, status: str) -> dict:
+    """What ``run.json`` records: configuration, cohort, status, the selection and the time spent so far."""
+    return {"status": status, "config": run.config, "cohort": run.fingerprint,
+            "selection": {"criterion": "best validation concept mAP",
+                          "epoch": run.best["epoch"], "val_concept_map": run.best["concept_map"]},
+            "epochs_done": len(run.history), "wall_time_s": round(time.perf_counter() - run.started, 1),
+            "xcardia_version": __version__}
 
 
 def read_log(run_dir: str | os.PathLike):
     """The per-epoch log of a run as a DataFrame."""
-    import pandas as pd
-
-    return pd.DataFrame(json.loads((Path(run_dir) / "log.json").read_text()))
+    return RunFolder(run_dir).log()
 
 
 def profile_run_specs(profile, name: str, **overrides) -> tuple[ModelSpec, PretrainSpec]:
@@ -598,21 +567,21 @@ def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, 
     """Pretrain the profile's run ``name`` into ``runs_dir/name``, or reuse it when that folder already holds the
     same finished run (how notebooks avoid retraining)."""
     model_spec, spec = profile_run_specs(profile, name, **overrides)
-    out = Path(runs_dir) / name
+    folder = RunFolder(Path(runs_dir) / name)
     manifest = load_manifest(data)
     config = run_config(effective_model_spec(model_spec, spec), spec, profile.preprocess, manifest.attrs["path"],
                         DEFAULT_TABULAR_COLUMNS)
-    if finished_run(out, config, cohort_fingerprint(manifest)):
-        log(f"[pretrain] reusing the finished run {out}")
-        return out
-    if (out / "run.json").exists():
-        previous = json.loads((out / "run.json").read_text())["config"]
+    if finished_run(folder.path, config, cohort_fingerprint(manifest)):
+        log(f"[pretrain] reusing the finished run {folder.path}")
+        return folder.path
+    if folder.run_json.exists():
+        previous = folder.info()["config"]
         diff = _config_differences(_comparable(previous), _comparable(config))
         if diff or previous["pretrain"]["epochs"] > spec.epochs:
-            raise XcardiaError(f"{out} holds a run with a different configuration ({'; '.join(diff[:5]) or 'more epochs'}); "
+            raise XcardiaError(f"{folder.path} holds a run with a different configuration ({'; '.join(diff[:5]) or 'more epochs'}); "
                                f"delete that folder or choose another output folder")
-    resume = (out / "checkpoint.pt").exists()
-    return pretrain(data, out, model_spec, spec, profile.preprocess, cache_dir=cache_dir, resume=resume,
+    resume = folder.checkpoint.exists()
+    return pretrain(data, folder.path, model_spec, spec, profile.preprocess, cache_dir=cache_dir, resume=resume,
                     progress=progress, log=log)
 
 
@@ -623,8 +592,8 @@ def pretraining_selection_table(runs: dict):
 
     rows = {}
     for name, run in runs.items():
-        info = json.loads((Path(run) / "run.json").read_text())
-        log = read_log(run)
+        folder = RunFolder(run)
+        info, log = folder.info(), folder.log()
         best = info["selection"]["epoch"]
         at_best = log[log["epoch"] == best].iloc[0] if best is not None else log.iloc[-1]
         last = log.iloc[-1]

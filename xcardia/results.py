@@ -11,35 +11,8 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 
-
-def to_jsonable(value):
-    """Plain JSON types: numpy scalars/arrays → Python, NaN/inf → None, tuples → lists, Paths → str."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [to_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return None if math.isnan(v) or math.isinf(v) else v
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "to_dict") and callable(value.to_dict):
-        return to_jsonable(value.to_dict())
-    return value
-
-
-def write_json_atomic(path: Path, payload) -> Path:
-    from xcardia.atomic import write_json_atomic as write
-
-    return write(path, payload)
+from xcardia.atomic import to_jsonable, write_json_atomic  # noqa: F401 - re-exported (results are written with them)
 
 
 def read_metrics(output_dir: str | os.PathLike) -> dict:

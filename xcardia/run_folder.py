@@ -1,5 +1,7 @@
 """What a run folder holds, who may write it, and which cohort it was computed on.
 
+- :class:`RunFolder`: a pretraining run's folder as one object that knows its files — the engine writes through it,
+  embeddings and interpretability read through it; no other module spells a file name of a run.
 - :class:`RunLock`: one process owns an output folder. An exclusive ``fcntl`` lock on ``<folder>/.lock`` is taken
   before anything else is written; a second process gets a clear error naming the owner's pid at once. The kernel
   drops the lock when its process dies, so a crash never leaves a stale lock behind (the file stays; it is only a
@@ -12,11 +14,17 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 from pathlib import Path
 
+import torch
+
+from xcardia.atomic import write_atomic, write_json_atomic
 from xcardia.errors import XcardiaError
+from xcardia.support_bank import SupportBank
 
 try:  # POSIX only; on other systems the lock is a no-op (stated in the README)
     import fcntl
@@ -137,3 +145,145 @@ def refuse_input_paths(target: str | os.PathLike, manifest, what: str) -> None:
         if t == folder or folder in t.parents:
             raise XcardiaError(f"{what} {target} is inside the cohort's image folder {folder}; write it elsewhere "
                                f"(nothing was written)")
+
+
+class RunFolder:
+    """A pretraining run's folder and the files in it.
+
+    ===================  =====================================================================================
+    ``checkpoint.pt``    everything needed to resume exactly (the last complete epoch); written atomically
+    ``selected.pt``      the epoch the paper's rule selected, whole: model, tabular preprocessing, NW support
+                         bank, configuration and metrics — every later analysis reads this one epoch
+    ``encoder.pt``       that epoch's image encoder (what fine-tuning loads); ``encoder_last.pt``: the last one
+    ``log.csv/.json``    one row per epoch
+    ``run.json``         configuration, cohort fingerprint, status (``running``/``complete``), selection
+    ``embeddings/``      cached patient embeddings (:func:`xcardia.embeddings.embed_run`)
+    ``.lock``            held by the one process writing the run (:class:`RunLock`)
+    ===================  =====================================================================================
+    """
+
+    CHECKPOINT = "checkpoint.pt"
+    SELECTED = "selected.pt"
+    ENCODER = "encoder.pt"
+    ENCODER_LAST = "encoder_last.pt"
+    RUN_JSON = "run.json"
+    LOG_JSON = "log.json"
+    LOG_CSV = "log.csv"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ files
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def selected(self) -> Path:
+        return self.path / self.SELECTED
+
+    @property
+    def encoder(self) -> Path:
+        return self.path / self.ENCODER
+
+    @property
+    def encoder_last(self) -> Path:
+        return self.path / self.ENCODER_LAST
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / self.RUN_JSON
+
+    @property
+    def embeddings(self) -> Path:
+        return self.path / "embeddings"
+
+    def holds_a_run(self) -> bool:
+        """Whether a pretraining run (finished or not) was ever written here."""
+        return self.checkpoint.exists() or self.run_json.exists()
+
+    def lock(self, what: str = "pretraining run") -> RunLock:
+        return RunLock(self.path, what)
+
+    # ------------------------------------------------------------------ reading
+    def info(self) -> dict | None:
+        """``run.json`` (None before the first epoch finished)."""
+        return json.loads(self.run_json.read_text()) if self.run_json.exists() else None
+
+    def log(self):
+        """The per-epoch log as a DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(json.loads((self.path / self.LOG_JSON).read_text()))
+
+    def state_file(self, which: str = "selected") -> Path:
+        """The file holding the whole model at one epoch: ``selected`` (``selected.pt``) or ``last``
+        (``checkpoint.pt``)."""
+        if which not in ("selected", "last"):
+            raise XcardiaError(f"which must be 'selected' or 'last', got {which!r}")
+        path = self.selected if which == "selected" else self.checkpoint
+        if not path.exists():
+            raise XcardiaError(f"{self.path} holds no {path.name}; pretrain it (again) with this version of xcardia")
+        return path
+
+    def load_state(self, which: str = "selected") -> dict:
+        """The saved state of one epoch: ``model``, ``tabular``, ``bank``, ``config``, ``epoch`` (and, for
+        ``last``, the optimiser, queue and random states)."""
+        return torch.load(self.state_file(which), map_location="cpu", weights_only=True)
+
+    def resume_state(self) -> dict:
+        """The checkpoint ``--resume`` continues from.
+
+        Raises:
+            XcardiaError: it is missing, unreadable (truncated, foreign) or not an xcardia checkpoint.
+        """
+        if not self.checkpoint.exists():
+            raise XcardiaError(f"--resume: {self.checkpoint} does not exist; start without --resume")
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say so, never a traceback
+            raise XcardiaError(f"--resume: {self.checkpoint} is not a readable checkpoint ({type(exc).__name__}); "
+                               f"delete the run folder and start again") from None
+        if not isinstance(state, dict) or "config" not in state:
+            raise XcardiaError(f"--resume: {self.checkpoint} is not an xcardia checkpoint; use another --out")
+        return state
+
+    def bank(self, which: str = "selected"):
+        """The support bank the NW head used at that epoch's validation, unfilled queue slots dropped (a row −1
+        would otherwise index the last patient)."""
+        state = self.load_state(which)
+        bank = state.get("bank")
+        if which == "last" and bank is None:
+            bank = state.get("queue")
+        if bank is None:
+            return None
+        keep = bank["indices"] >= 0
+        return SupportBank(bank["embeddings"][keep], bank["targets"][keep], bank["indices"][keep])
+
+    # ------------------------------------------------------------------ writing (rank 0 only)
+    def write_checkpoint(self, state: dict) -> None:
+        write_atomic(self.checkpoint, lambda p: torch.save(state, p))
+
+    def write_selected(self, state: dict) -> None:
+        write_atomic(self.selected, lambda p: torch.save(state, p))
+
+    def write_logs(self, history: list[dict]) -> None:
+        keys = list(dict.fromkeys(k for row in history for k in row))
+
+        def write_csv(path):
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(history)
+
+        write_atomic(self.path / self.LOG_CSV, write_csv)
+        write_atomic(self.path / self.LOG_JSON, lambda p: p.write_text(json.dumps(history, indent=1) + "\n"))
+
+    def write_run_json(self, payload: dict) -> None:
+        write_json_atomic(self.run_json, payload)

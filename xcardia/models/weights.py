@@ -81,7 +81,7 @@ def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
     """
     p = Path(path)
     if p.is_dir():
-        p = p / "encoder.pt"
+        p = p / "encoder.pt"  # a pretraining run folder (RunFolder.ENCODER)
     if not p.exists():
         raise XcardiaError(f"{p} does not exist; pass an encoder file (encoder.pt), a pretraining run folder, "
                            f"or 'scratch'")
