@@ -294,8 +294,8 @@ def concept_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
 
 def masked_bce(targets: np.ndarray, predictions: np.ndarray, eps: float = 1e-6) -> float:
     """Mean binary cross-entropy over the observed entries (target and prediction both present), probabilities
-    clipped to [eps, 1 − eps]."""
-    y, p = np.asarray(targets, dtype=float), np.asarray(predictions, dtype=float)
+    clipped to [eps, 1 − eps]. Computed in the inputs' precision (float32 NW predictions stay float32)."""
+    y, p = np.asarray(targets), np.asarray(predictions)
     observed = ~np.isnan(y) & ~np.isnan(p)
     clipped = np.clip(p[observed], eps, 1 - eps)
     return float(-np.mean(y[observed] * np.log(clipped) + (1 - y[observed]) * np.log(1 - clipped)))
