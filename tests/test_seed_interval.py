@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 from scipy.stats import norm
 
 from xcardia.metrics import paired_bootstrap_macro_difference, seed_aware_interval
+from xcardia.reporting import ablation_verdict, seed_aware_tables
 
 N_SEEDS, N_PATIENTS, PREVALENCE = 3, 200, 0.3
 MU_A, MU_B, SEED_SD = 1.2, 1.0, 0.25  # separation of each method; spread of a method's separation over seeds
@@ -57,3 +61,34 @@ def test_one_seed_falls_back_to_the_patient_bootstrap_and_says_so():
     y, a, b = _simulate(rng)
     r = seed_aware_interval(y, a[:1], b[:1], n_boot=200, seed=0)
     assert r["n_seeds"] == 1 and np.isnan(r["se_seed"]) and r["ci_low"] < r["estimate"] < r["ci_high"]
+
+
+# ------------------------------------------------------------------------------------------ single-seed ablations
+@pytest.mark.parametrize("difference, low, high, reseed_sd, expected", [
+    (0.05, 0.01, 0.09, 0.01, "better than the base"),          # interval above 0, |Δ| > 2 SD
+    (-0.05, -0.09, -0.01, 0.01, "worse than the base"),
+    (0.05, 0.01, 0.09, 0.03, "not distinguishable from reseeding"),  # interval above 0 but |Δ| ≤ 2 SD
+    (0.05, -0.01, 0.11, 0.001, "not distinguishable from reseeding"),  # interval includes 0
+    (0.05, 0.01, 0.09, math.nan, "no reseeding scale (the base has one seed)"),
+    (math.nan, math.nan, math.nan, 0.01, "not measurable on this cohort"),
+])
+def test_ablation_verdict_needs_a_patient_interval_off_zero_and_more_than_twice_the_reseeding_sd(
+        difference, low, high, reseed_sd, expected):
+    assert ablation_verdict(difference, low, high, reseed_sd) == expected
+
+
+def test_an_ablation_is_paired_with_the_base_at_its_own_seed_and_scaled_by_the_bases_seed_spread():
+    """A planted strong ablation at seed 0 beats xcardia_fixed_s0 (not s1/s2), with the base's SD as scale."""
+    rng = np.random.default_rng(3)
+    n = 400
+    y = (rng.random(n) < 0.3).astype(float)[:, None]
+    noise = lambda: rng.normal(size=(n, 1))  # noqa: E731
+    scores = {f"xcardia_fixed_s{k}": y * (0.8 + 0.05 * k) + noise() for k in range(3)}
+    scores["xcardia_fixed_lambda1_s0"] = y * 2.5 + noise()
+    scores["clip_s0"] = y * 0.8 + noise()
+    tables = seed_aware_tables(y, lambda name: scores[name][None], list(scores), n_boot=200, seed=0)
+    (row,) = tables["ablations"]
+    assert row["ablation"] == "xcardia_fixed_lambda1_s0" and row["against"] == "xcardia_fixed_s0"
+    base = next(m for m in tables["methods"] if m["method"] == "xcardia_fixed")
+    assert row["reseed_sd"] == pytest.approx(float(np.std(base["per_seed"], ddof=1)))
+    assert row["ci_low"] > 0 and row["verdict"] == "better than the base"

@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from xcardia.config import ABLATION_RUNS
 from xcardia.schema import LABEL_SHORT, LABELS
 from xcardia.metrics import (
     bootstrap_auroc_ci,
@@ -38,6 +39,11 @@ COMPARISONS = (("xcardia", "clip"), ("xcardia", "scratch"))
 GROUP_COMPARISONS = (("xcardia_paper", "clip"), ("xcardia_paper", "scratch"),
                      ("xcardia_fixed", "clip"), ("xcardia_fixed", "scratch"))
 SELECTIONS = {"selected": "", "last": "@last"}
+
+#: Ablations (results/study/README.md, decided before the study run): each changes one thing of ``xcardia_fixed``
+#: and is read against it at the same pretraining seed; ``nw_only`` removes the CLIP term.
+ABLATION_BASE = "xcardia_fixed"
+ABLATION_GROUPS = ("nw_only", *ABLATION_RUNS)
 _SEED_SUFFIX = re.compile(r"_s(\d+)(?=$|@)")
 
 
@@ -118,7 +124,46 @@ def seed_aware_tables(y_test: np.ndarray, get_runs, inits, n_boot: int = 1000, s
                                "task": task, "difference": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                                "n_seeds": r["n_seeds"], "n_tasks": r["n_tasks"], "per_seed": r["per_seed"],
                                "se_seed": r["se_seed"], "se_patient": r["se_patient"]})
-    return {"methods": table_records(pd.DataFrame(methods)), "paired": table_records(pd.DataFrame(paired))}
+    return {"methods": table_records(pd.DataFrame(methods)), "paired": table_records(pd.DataFrame(paired)),
+            "ablations": table_records(ablation_table(y_test, runs, groups, methods, n_boot, seed))}
+
+
+def ablation_table(y_test: np.ndarray, runs: dict, groups: dict, methods: list[dict], n_boot: int = 1000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Each single-seed ablation against :data:`ABLATION_BASE` at the same pretraining seed (selected encoders):
+    the paired difference of macro AUROC with a patient-bootstrap interval, and — as the scale of reseeding — the
+    between-seed SD of the base's own macro AUROC. The verdict rule was fixed before the study run
+    (``results/study/README.md``): "differs" needs the interval to exclude 0 *and* |Δ| > 2 × that SD."""
+    base = groups.get(ABLATION_BASE, [])
+    base_row = next((m for m in methods if m["method"] == ABLATION_BASE), None)
+    rows = []
+    for group in ABLATION_GROUPS:
+        names = groups.get(group, [])
+        if not names:
+            continue
+        partner = next((b for b in base if seed_of(b) == seed_of(names[0])), None)
+        if partner is None or runs.get(names[0]) is None or runs.get(partner) is None:
+            continue
+        r = seed_aware_interval(y_test, [runs[names[0]]], [runs[partner]], n_boot=n_boot, seed=seed)
+        per_seed = [v for v in (base_row or {}).get("per_seed") or [] if v is not None]
+        reseed_sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan
+        rows.append({"ablation": names[0], "against": partner, "difference": r["estimate"], "ci_low": r["ci_low"],
+                     "ci_high": r["ci_high"], "reseed_sd": reseed_sd, "base_seeds": len(per_seed),
+                     "n_tasks": r["n_tasks"], "verdict": ablation_verdict(r["estimate"], r["ci_low"], r["ci_high"],
+                                                                          reseed_sd)})
+    return pd.DataFrame(rows)
+
+
+def ablation_verdict(difference: float, low: float, high: float, reseed_sd: float) -> str:
+    """The study's rule: an ablation differs from its base only when the patient interval excludes 0 and the
+    difference is larger than twice the base's seed-to-seed SD (one seed per ablation cannot say more)."""
+    if any(v is None or math.isnan(v) for v in (difference, low, high)):
+        return "not measurable on this cohort"
+    if math.isnan(reseed_sd):
+        return "no reseeding scale (the base has one seed)"
+    if (low > 0 or high < 0) and abs(difference) > 2 * reseed_sd:
+        return "better than the base" if difference > 0 else "worse than the base"
+    return "not distinguishable from reseeding"
 
 
 def _runs(predictions: dict, protocol: str, init: str, fraction: float = 1.0) -> np.ndarray | None:
@@ -388,6 +433,19 @@ def seed_aware_paired_table(tables: dict) -> pd.DataFrame:
                          "SE seeds / patients": [f"{a:.3f} / {b:.3f}" if pd.notna(a) else "–"
                                                  for a, b in zip(rows["se_seed"], rows["se_patient"])]},
                         index=pd.MultiIndex.from_frame(rows[["selection", "comparison"]]))
+
+
+def seed_aware_ablation_table(tables: dict) -> pd.DataFrame:
+    """ablation × (Δ macro AUROC vs the base [95% patient CI], the base's reseeding SD, verdict) as display strings."""
+    rows = pd.DataFrame(tables.get("ablations", []))
+    if rows.empty:
+        return rows
+    return pd.DataFrame({"against": rows["against"].values,
+                         "Δ macro AUROC [95% patient CI]": [format_ci(r.difference, r.ci_low, r.ci_high)
+                                                            for r in rows.itertuples()],
+                         "reseeding SD of the base": [f"{v:.3f}" if pd.notna(v) else "–" for v in rows["reseed_sd"]],
+                         "verdict": rows["verdict"].values},
+                        index=pd.Index(rows["ablation"], name="ablation"))
 
 
 def first_seed(frame: pd.DataFrame, column: str = "init") -> pd.DataFrame:

@@ -109,6 +109,16 @@ def _seed_aware_lines(seed_aware: dict, title: str) -> list[str]:
                 per_seed = ", ".join(f"{v:+.3f}" for v in row.get("per_seed") or [])
                 lines.append(f"| {row['selection']} | {row['comparison']} | {_ci(row, 'difference')} | "
                              f"{row['n_seeds']} | {per_seed} |")
+        ablations = tables.get("ablations") or []
+        if ablations:
+            lines += ["", "Single-seed ablations against `xcardia_fixed` at the same pretraining seed (selected "
+                      "encoders; 95% patient-bootstrap interval; the scale of reseeding is the SD of "
+                      "`xcardia_fixed` over its pretraining seeds):", "",
+                      "| ablation | against | Δ macro AUROC [95% CI] | reseeding SD | verdict |", "|---|---|---|---|---|"]
+            for row in ablations:
+                sd = _fmt(row.get("reseed_sd"))
+                lines.append(f"| {row['ablation']} | {row['against']} | {_ci(row, 'difference')} | {sd} | "
+                             f"{row['verdict']} |")
     return lines
 
 
