@@ -10,6 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
+from xcardia.config import ABLATION_RUNS
+from xcardia.reporting import group_of
+
+#: One colour per method in every figure (every seed and both selections of a method share it); the ablations of
+#: the ``study`` profile take the remaining colours in their fixed order.
+METHOD_COLOURS = {"scratch": "0.45", "clip": "tab:blue", "xcardia_paper": "tab:red", "xcardia_fixed": "tab:purple",
+                  "nw_only": "tab:green",
+                  **dict(zip(ABLATION_RUNS, ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"))),
+                  "scratch_all": "0.2"}
+
+
+def method_colour(init: str) -> str:
+    """The colour of an init's or run's method: ``xcardia_paper_s2@last`` → ``xcardia_paper``'s (grey if unknown)."""
+    return METHOD_COLOURS.get(group_of(init).split("@")[0], "0.6")
+
+
 #: CT display windows (level, width) in HU.
 WINDOWS = {"mediastinal": (40.0, 400.0), "lung": (-600.0, 1500.0)}
 

@@ -9,14 +9,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from xcardia.figures import method_colour as _colour
 from xcardia.schema import LABEL_SHORT, LABELS
-
-INIT_COLOURS = {"scratch": "0.45", "clip": "tab:blue", "xcardia": "tab:red", "nw_only": "tab:green",
-                "xcardia_image_query": "tab:purple"}
-
-
-def _colour(name: str) -> str:
-    return INIT_COLOURS.get(name, "tab:orange")
 
 
 def plot_auroc_heatmap(table: pd.DataFrame, title: str):

@@ -8,7 +8,7 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 
 from xcardia.schema import CONCEPT_NAMES
-from xcardia.figures import radiological_slices, window_limits
+from xcardia.figures import method_colour, radiological_slices, window_limits
 
 
 def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log_y: bool = False, columns: int = 2):
@@ -22,7 +22,7 @@ def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log
     for ax, (column, title) in zip(axes.flat, panels):
         for name, log in logs.items():
             if column in log and log[column].notna().any() and not (log[column] == 0).all():  # a loss a run never uses
-                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name)
+                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name, color=method_colour(name))
         if log_y:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
@@ -49,7 +49,7 @@ def plot_temperatures(logs: dict[str, pd.DataFrame]):
     for ax, column, title in ((axes[0], "clip_temperature", "CLIP temperature τ"), (axes[1], "nw_temperature", "NW temperature τ")):
         for name, log in _merge_identical(logs, column).items():
             if column in log and log[column].notna().any():
-                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name)
+                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name, color=method_colour(name))
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
