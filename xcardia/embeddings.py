@@ -73,7 +73,7 @@ def embed_run(run_dir: str | os.PathLike, manifest: pd.DataFrame, splits=("train
         return dict(np.load(cache_file))
     model, pre, config = load_run_model(run, which)
     preprocess = _run_preprocess(config)
-    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.path.parent.parent / "cache", preprocess)
+    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.default_cache(), preprocess)
     ds = CohortDataset(manifest, rows, cache, pre.transform(manifest), None, 0, in_memory=False)
     out: dict[str, list] = {"feature": [], "image": [], "tabular": [], "concepts": [], "labels": [], "rows": []}
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
@@ -131,10 +131,10 @@ def one_batch(run_dir: str | os.PathLike, manifest: pd.DataFrame, n: int = 16, c
               which: str = "selected") -> tuple[XCardiaModel, dict]:
     """A run's model at one epoch and ``n`` random training patients as one batch (``image``, ``tab_values``,
     ``tab_missing``, ``concepts``): what notebook 02 pushes through the method by hand."""
-    run = Path(run_dir)
+    run = RunFolder(run_dir)
     model, pre, config = load_run_model(run, which)
     preprocess = _run_preprocess(config)
-    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.parent.parent / "cache", preprocess)
+    cache = PreprocessCache(Path(cache_dir) if cache_dir else run.default_cache(), preprocess)
     train = np.flatnonzero(manifest["split"].astype(str).isin(("pretrain", "train")).to_numpy())
     rows = np.sort(np.random.default_rng(seed).choice(train, size=min(n, len(train)), replace=False))
     ds = CohortDataset(manifest, rows, cache, pre.transform(manifest), None, 0, in_memory=False)

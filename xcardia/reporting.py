@@ -136,6 +136,8 @@ def ablation_table(y_test: np.ndarray, runs: dict, groups: dict, methods: list[d
     (``results/study/README.md``): "differs" needs the interval to exclude 0 *and* |Δ| > 2 × that SD."""
     base = groups.get(ABLATION_BASE, [])
     base_row = next((m for m in methods if m["method"] == ABLATION_BASE), None)
+    per_seed = [v for v in (base_row or {}).get("per_seed") or [] if v is not None]
+    reseed_sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan
     rows = []
     for group in ABLATION_GROUPS:
         names = groups.get(group, [])
@@ -145,8 +147,6 @@ def ablation_table(y_test: np.ndarray, runs: dict, groups: dict, methods: list[d
         if partner is None or runs.get(names[0]) is None or runs.get(partner) is None:
             continue
         r = seed_aware_interval(y_test, [runs[names[0]]], [runs[partner]], n_boot=n_boot, seed=seed)
-        per_seed = [v for v in (base_row or {}).get("per_seed") or [] if v is not None]
-        reseed_sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan
         rows.append({"ablation": names[0], "against": partner, "difference": r["estimate"], "ci_low": r["ci_low"],
                      "ci_high": r["ci_high"], "reseed_sd": reseed_sd, "base_seeds": len(per_seed),
                      "n_tasks": r["n_tasks"], "verdict": ablation_verdict(r["estimate"], r["ci_low"], r["ci_high"],

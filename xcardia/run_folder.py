@@ -204,6 +204,11 @@ class RunFolder:
     def embeddings(self) -> Path:
         return self.path / "embeddings"
 
+    def default_cache(self) -> Path:
+        """Where analyses of this run look for preprocessed CTs when no cache is given: ``<runs>/../cache``, the
+        layout ``reproduce`` writes (``OUT/runs/NAME`` beside ``OUT/cache``)."""
+        return self.path.parent.parent / "cache"
+
     def holds_a_run(self) -> bool:
         """Whether a pretraining run (finished or not) was ever written here."""
         return self.checkpoint.exists() or self.run_json.exists()
