@@ -69,7 +69,7 @@ def test_paper_protocol_counts_pos_weight_on_the_subset_it_trains_on(monkeypatch
     labels = (np.random.default_rng(0).random((30, 2)) < 0.4).astype(float)
     seen = []
     real = finetune.pos_weight_from_subset
-    monkeypatch.setattr(finetune, "pos_weight_from_subset", lambda y: seen.append(y.clone()) or real(y))
+    monkeypatch.setattr(finetune, "pos_weight_from_subset", lambda y, *a: seen.append(y.clone()) or real(y, *a))
     subset = np.array([1, 4, 7, 9, 12, 20])
     finetune.train_top(init, labels, subset, None, finetune.FinetuneSpec(), seed=0, epochs=1)
     torch.testing.assert_close(seen[0], torch.as_tensor(labels[subset]))
@@ -98,12 +98,12 @@ def test_finetune_and_fewshot_end_to_end_and_deterministic(tiny_cohort, tiny_run
     full = pd.DataFrame(a["finetune"]["full_label"]["paper"])
     assert {"auroc", "ci_low", "ci_high", "n_pos", "n_neg"} <= set(full.columns)
     subsets = json.loads((tmp_path / "a" / "fs" / "kshot_subsets.json").read_text())
-    assert set(subsets) == set(LABELS)
+    assert set(subsets) == {"s0"} and set(subsets["s0"]) == set(LABELS)  # both inits are seed 0: one set of draws
     records = pd.read_csv(tmp_path / "a" / "fs" / "kshot_records.csv")
     scored = records[records["skipped"].isna()]
     for task, k, seed in scored[["task", "value", "seed"]].drop_duplicates().itertuples(index=False):
-        ids = subsets[task][str(k)][str(seed)]
-        assert len(ids) == 2 * k  # the same saved subset for every init
+        ids = subsets["s0"][task][str(k)][str(seed)]
+        assert len(ids) == 2 * k  # the same saved subset for every init of the seed
     assert (tmp_path / "a" / "summary.md").read_text().count("The paper's claims") == 1
 
 
@@ -144,6 +144,7 @@ def test_bad_k_is_refused(tiny_cohort, tmp_path, capsys):
     ([float("nan"), 0.6, float("nan"), 0.55, 0.5], 5, 0.6),   # NaN neither improves nor advances the patience
 ])
 def test_early_stopping_has_one_nan_rule(scores, stop_at, best):
+    """(min_delta 0, no minimum: the NaN rule alone.)"""
     from xcardia.finetune import EarlyStopping
 
     stopper = EarlyStopping(patience=2)
@@ -157,3 +158,27 @@ def test_early_stopping_has_one_nan_rule(scores, stop_at, best):
         assert stopper.best_state == {"epoch": len(scores)}
     else:
         assert stopper.best == best
+
+
+@pytest.mark.parametrize("scores, patience, min_delta, min_epochs, stop_at, best_epoch", [
+    # the public rule (Finetuning.py:592-616): an improvement must beat the best by more than min_delta ...
+    ([0.70, 0.70005, 0.7001, 0.69], 2, 1e-4, 0, 3, 1),
+    ([0.70, 0.7002, 0.69, 0.69], 2, 1e-4, 0, 4, 2),
+    # ... and no stop before min_epochs, however long the stale run
+    ([0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], 2, 1e-4, 6, 6, 1),
+    ([0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], 2, 1e-4, 0, 3, 1),
+])
+def test_early_stopping_follows_the_public_min_delta_and_min_epochs(scores, patience, min_delta, min_epochs, stop_at,
+                                                                     best_epoch):
+    from xcardia.finetune import EarlyStopping
+
+    stopper = EarlyStopping(patience, min_delta, min_epochs)
+    stopped = next((e for e, s in enumerate(scores, start=1) if stopper.step(s, lambda e=e: e)), None)
+    assert stopped == stop_at and stopper.best_epoch == best_epoch == stopper.best_state
+
+
+def test_fraction_subset_draws_as_the_public_sweep():
+    """Finetuning.py:351-358: RandomState(seed + round(1000·fraction)), floor(fraction·n) rows, sorted."""
+    rows = np.arange(100, 400)
+    expected = np.sort(np.random.RandomState(123 + 100).choice(300, size=30, replace=False))
+    assert np.array_equal(fraction_subset(rows, 0.1, 123), rows[expected])

@@ -92,3 +92,94 @@ def test_an_ablation_is_paired_with_the_base_at_its_own_seed_and_scaled_by_the_b
     base = next(m for m in tables["methods"] if m["method"] == "xcardia_fixed")
     assert row["reseed_sd"] == pytest.approx(float(np.std(base["per_seed"], ddof=1)))
     assert row["ci_low"] > 0 and row["verdict"] == "better than the base"
+
+
+# ------------------------------------------------------------------------------------------ issue 19.4: coverage
+def _old_interval(per_seed: np.ndarray, boots: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """The interval before issue 19: t(S − 1) on sqrt(Var_s/S + Var_b(seed mean)) (interaction counted twice)."""
+    from scipy import stats
+
+    s = per_seed.size
+    se = math.sqrt(per_seed.var(ddof=1) / s + boots.mean(axis=0).var(ddof=1))
+    half = stats.t.ppf(1 - alpha / 2, s - 1) * se
+    return per_seed.mean() - half, per_seed.mean() + half
+
+
+#: (seed SD, per-patient SD, seed × patient SD, few-shot draw SD): one seed's value is the mean over patients and
+#: draws of x[s, d, i] = a_s + g_{s,d} + p_i + e_{s,i}; truth 0.
+REGIMES = {
+    "seed-dominant": (0.030, 0.20, 0.20, 0.010),
+    "patient-dominant": (0.003, 1.00, 0.30, 0.005),
+    "balanced": (0.015, 0.40, 0.30, 0.015),
+}
+
+
+def _simulate_levels(rng, sd_seed, sd_patient, sd_interaction, sd_draw, shared_draws: bool, n_seeds=3, n_draws=5,
+                     n_patients=400, n_boot=300):
+    a = rng.normal(size=(n_seeds, 1)) * sd_seed
+    g = rng.normal(size=(1 if shared_draws else n_seeds, n_draws)) * sd_draw  # the draw effect of each k-shot subset
+    x = a + g.mean(axis=1, keepdims=True) + rng.normal(size=(1, n_patients)) * sd_patient \
+        + rng.normal(size=(n_seeds, n_patients)) * sd_interaction  # (S, n): per seed, per patient
+    idx = rng.integers(0, n_patients, size=(n_boot, n_patients))
+    return x.mean(axis=1), x[:, idx].mean(axis=2)
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_two_level_interval_has_nominal_coverage_in_every_regime_and_the_old_one_did_not(regime):
+    from xcardia.metrics import two_level_interval
+
+    rng = np.random.default_rng(list(REGIMES).index(regime))
+    n_sims = 1500
+    new_cover = old_cover = shared_cover = 0
+    new_width, old_width = [], []
+    for _ in range(n_sims):
+        per_seed, boots = _simulate_levels(rng, *REGIMES[regime], shared_draws=False)
+        r = two_level_interval(per_seed, boots)
+        new_cover += r["ci_low"] <= 0 <= r["ci_high"]
+        new_width.append(r["ci_high"] - r["ci_low"])
+        lo, hi = _old_interval(per_seed, boots)
+        old_cover += lo <= 0 <= hi
+        old_width.append(hi - lo)
+        per_seed, boots = _simulate_levels(rng, *REGIMES[regime], shared_draws=True)
+        r = two_level_interval(per_seed, boots)  # the draws shared by every seed: their variance is invisible
+        shared_cover += r["ci_low"] <= 0 <= r["ci_high"]
+    coverage, old = new_cover / n_sims, old_cover / n_sims
+    ratio = float(np.median(old_width) / np.median(new_width))
+    print(f"{regime}: coverage {coverage:.3f} (old {old:.3f}, draws shared {shared_cover / n_sims:.3f}); "
+          f"old/new width {ratio:.2f}")
+    assert 0.92 <= coverage <= 0.98, coverage
+    assert old >= coverage and ratio > 1.0  # the old interval was wider, never narrower
+
+
+def test_draws_shared_by_every_seed_leave_their_variance_out_of_the_interval():
+    """When few-shot draws dominate and every seed reuses the same draws, nothing in the data shows their variance:
+    coverage falls well below nominal. Draws that differ per seed (what run_kshot does) restore it."""
+    from xcardia.metrics import two_level_interval
+
+    rng = np.random.default_rng(7)
+    levels = (0.005, 0.2, 0.1, 0.05)
+    cover = {True: 0, False: 0}
+    for _ in range(800):
+        for shared in (True, False):
+            per_seed, boots = _simulate_levels(rng, *levels, shared_draws=shared)
+            r = two_level_interval(per_seed, boots)
+            cover[shared] += r["ci_low"] <= 0 <= r["ci_high"]
+    assert cover[True] / 800 < 0.85 and 0.92 <= cover[False] / 800 <= 0.98, cover
+
+
+def test_seed_aware_interval_is_the_two_level_interval_of_the_per_seed_macro_aurocs():
+    from xcardia.metrics import _macro_boots, bootstrap_indices, two_level_interval
+
+    rng = np.random.default_rng(3)
+    y, a, b = _simulate(rng)
+    r = seed_aware_interval(y, a, b, n_boot=100, seed=5)
+    idx = bootstrap_indices(len(y), 100, 5)
+    per, boots = [], []
+    for x, z in zip(a, b):
+        pa, ba, _ = _macro_boots(y, x[None], idx)
+        pb, bb, _ = _macro_boots(y, z[None], idx)
+        per.append(pa - pb)
+        boots.append(ba - bb)
+    expected = two_level_interval(np.array(per), np.stack(boots), bounds=(-1, 1))
+    assert r["ci_low"] == pytest.approx(expected["ci_low"]) and r["ci_high"] == pytest.approx(expected["ci_high"])
+    assert r["df"] == pytest.approx(expected["df"]) and r["df"] >= N_SEEDS - 1

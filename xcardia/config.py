@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from xcardia.cohort.generate import CohortSpec
 from xcardia.cohort.render import RenderSpec
 from xcardia.data.imaging import PreprocessSpec
-from xcardia.models.image_encoder import ImageEncoderSpec
+from xcardia.models.image_encoder import PUBLIC_ARCHITECTURE, ImageEncoderSpec
 from xcardia.models.xcardia_model import ModelSpec
 from xcardia.specs import FinetuneSpec, PretrainSpec
 
@@ -102,7 +102,7 @@ PROFILES: dict[str, Profile] = {
                               in_memory=True),
         pretrain_runs={**replicated(COMPARED_RUNS, (0, 1)), **replicated(NW_ONLY_RUN, (0,))},
         init_seeds=(0, 1),
-        finetune=FinetuneSpec(max_epochs=5, patience=2, kshot_epochs=10, scratch_all_max_epochs=2,
+        finetune=FinetuneSpec(max_epochs=5, patience=2, min_epochs=2, kshot_epochs=10, scratch_all_max_epochs=2,
                               fractions=(0.1, 1.0), fraction_seeds=(123,), ks=(1, 5), kshot_seeds=3,
                               kshot_paper_ks=(5,), n_boot=200),
         generate_workers=2,
@@ -131,8 +131,9 @@ PROFILES: dict[str, Profile] = {
         name="paper",
         cohort=CohortSpec(n_patients=20574, seed=0, render=RenderSpec((164, 164, 164), 2.0, "chest"),
                           split_fractions=(0.5, 0.2, 0.1, 0.2)),
-        model=ModelSpec(image=ImageEncoderSpec(arch="resnet50", widths=(64, 128, 256, 512), conv1_size=7,
-                                               conv1_stride=(2, 2, 1), max_pool=True)),
+        # the public code's encoder exactly (Hara's ResNet-50: key names, strides, bias-free shortcut), so that its
+        # checkpoints load strictly (docs/method.md §6)
+        model=ModelSpec(image=PUBLIC_ARCHITECTURE),
         # a bare `pretrain --method xcardia --profile paper` is X-Cardia as published (named runs set their own)
         pretrain=PretrainSpec(epochs=80, batch_size=8, lr=1e-4, num_workers=8, bf16=True, channels_last=True,
                               variant="paper"),

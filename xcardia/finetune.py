@@ -1,20 +1,27 @@
 """Downstream evaluation: fine-tuning protocols, label-fraction sweep and true k-shot, on the ten tasks.
 
-Protocols (docs/method.md §5), for any encoder init (``scratch`` or a pretraining run / encoder file):
+Protocols (docs/method.md §5–§6), for any encoder init (``scratch`` or a pretraining run / encoder file):
 
-- ``paper``: the paper's fine-tuning — the encoder frozen except its last ResNet stage and the feature layer after
-  it, ten heads trained with masked BCE (missing labels masked), ``pos_weight`` counted on the subset actually
-  trained on (the public code counted it on the full training set), early stopping on validation macro-AUROC.
-  BatchNorm statistics stay frozen, so tiny subsets cannot corrupt them. The frozen part's output is computed once
-  per init, which makes thousands of runs affordable on a CPU.
-- ``scratch_all``: the paper's policy for its no-pretraining baseline: every layer trained from random weights.
-  (``paper`` applied to ``scratch`` is the other, like-for-like scratch policy.)
+- ``paper``: the public ``Finetune/Finetuning.py``, item by item: the encoder frozen except its last ResNet stage,
+  the 2048/128 → 128 feature layer after it re-initialised, ten heads trained with masked BCE, AdamW (5e-3, weight
+  decay 1e-3) under a cosine OneCycle (5e-3 → 5e-4) stepped per micro-batch, micro-batches of 12 with 2-step
+  gradient accumulation and norm clipping at 1.0, the trained stage's BatchNorm in training mode, early stopping on
+  validation macro AUROC (≤ 100 epochs, patience 6, min_delta 1e-4, at least 6 epochs), the best epoch tested. The
+  one intended difference is defect 7: ``pos_weight`` is counted on the subset actually trained on. The frozen
+  part's output is computed once per init (in eval mode: the public code also lets the frozen stages' BatchNorm
+  statistics drift in training mode — a difference the register states), which makes thousands of runs
+  affordable on a CPU. Every hyper-parameter is pinned to its public line by ``tests/test_protocol_pinning.py``.
+- ``scratch_all``: the public code's no-pretraining baseline: every layer trained from random weights, with the
+  same optimiser, schedule and stopping rule. (``paper`` applied to ``scratch`` is the like-for-like scratch.)
 - ``probe``: logistic regression (scikit-learn) per task on the frozen encoder's 128-d features.
 
-Settings: label fractions of the training split (the paper's sweep: fractions × seeds 123/456/789, random rows)
-and true k-shot (k positives and k negatives per task from the training split; the same subsets for every init;
-the patient ids written out). In k-shot, fine-tuning runs a fixed number of epochs with no early stopping: a
-5-shot user has no labelled validation set.
+Settings: label fractions of the training split (the public sweep: fractions × seeds 123/456/789, random rows of the
+patients with at least one label, drawn as ``Finetuning.py:351-358`` draws them) and true k-shot (k positives and k
+negatives per task from the training split, the patient ids written out). The public code has no k-shot sampler:
+k-shot here runs the ``paper`` protocol's schedule for a fixed number of epochs with no early stopping, since a
+5-shot user has no labelled validation set. The draws of pretraining seed K are their own (draw seed d + 1000·K),
+shared by every init of seed K, so paired differences stay paired and the seed-level interval includes the
+variance of which patients were drawn.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +58,24 @@ from xcardia.specs import FinetuneSpec  # noqa: F401 - the evaluation spec, re-e
 
 # ------------------------------------------------------------------------------------------ subsets
 def fraction_subset(train_rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A random ``fraction`` of the training rows (at least one), as the paper's sweep samples rows."""
-    n = max(1, int(round(fraction * len(train_rows))))
-    rng = np.random.default_rng([seed, int(round(fraction * 1e6))])
-    return np.sort(rng.choice(train_rows, size=n, replace=False))
+    """A random ``fraction`` of the training rows (at least one), drawn as the public sweep draws them
+    (``Finetuning.py:351-358``: ``RandomState(seed + round(1000·fraction))``, ``floor(fraction · n)`` rows)."""
+    n = max(1, int(math.floor(fraction * len(train_rows))))
+    rng = np.random.RandomState(seed + int(round(fraction * 1000)))
+    return np.sort(np.asarray(train_rows)[rng.choice(len(train_rows), size=n, replace=False)])
+
+
+def labelled_rows(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The rows with at least one task label (the public code drops the others first, ``Finetuning.py:279-287``)."""
+    return rows[~np.isnan(labels[rows]).all(axis=1)]
+
+
+#: k-shot draw seeds of pretraining seed K are ``draw + KSHOT_SEED_STRIDE · K`` (draws differ between seeds).
+KSHOT_SEED_STRIDE = 1000
+
+
+def kshot_draw_seed(draw: int, seed_offset: int) -> int:
+    return int(draw) + KSHOT_SEED_STRIDE * int(seed_offset)
 
 
 def kshot_subset(labels: np.ndarray, train_rows: np.ndarray, task_index: int, k: int, seed: int) -> tuple[np.ndarray | None, str | None]:
@@ -122,57 +144,71 @@ def encode(name: str, encoder: ImageEncoder, dataset: CohortDataset, batch_size:
 
 
 class TopModel(nn.Module):
-    """What the paper's fine-tuning trains: a copy of the last ResNet stage and feature layer, plus task heads."""
+    """What the paper's fine-tuning trains: a copy of the last ResNet stage, the feature layer after it
+    (re-initialised when ``reinit_feature``, as ``Finetuning.py:336-338``), and the task heads."""
 
-    def __init__(self, encoder: ImageEncoder, n_tasks: int):
+    def __init__(self, encoder: ImageEncoder, n_tasks: int, reinit_feature: bool = True,
+                 train_batchnorm: bool = True):
         super().__init__()
         self.layer4 = copy.deepcopy(encoder.backbone.layer4)
         self.pool = copy.deepcopy(encoder.backbone.avgpool)
-        self.feature = copy.deepcopy(encoder.feature)
+        self.feature = (nn.Linear(encoder.feature.in_features, encoder.feature.out_features) if reinit_feature
+                        else copy.deepcopy(encoder.feature))
         self.heads = nn.Linear(encoder.spec.feature_dim, n_tasks)
+        self.train_batchnorm = train_batchnorm
 
     def forward(self, trunk: torch.Tensor) -> torch.Tensor:
         return self.heads(self.feature(self.pool(self.layer4(trunk)).flatten(1)))
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self.modules():  # frozen BatchNorm statistics (tiny subsets must not overwrite them)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        if not self.train_batchnorm:
+            for m in self.modules():  # frozen BatchNorm statistics
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 
 class EarlyStopping:
-    """Early stopping on a validation score (higher is better), one rule for every protocol.
+    """Early stopping on a validation score (higher is better), the public rule (``Finetuning.py:592-616``): an
+    epoch improves when its score exceeds the best by more than ``min_delta``; training stops after ``patience``
+    epochs without improvement, but not before ``min_epochs`` epochs.
 
     A NaN score (no validation task has both classes) carries no information: it never counts as an improvement
     and never advances the patience; while no finite score has been seen, the latest state is kept, so a run
-    without any usable validation score ends with its last epoch.
+    without any usable validation score ends with its last epoch. (The public code scores such an epoch 0.0.)
 
     Args:
         patience: epochs without improvement before stopping.
+        min_delta: the margin an improvement must exceed.
+        min_epochs: no stop before this many epochs.
     """
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, min_delta: float = 0.0, min_epochs: int = 0):
         self.patience = patience
+        self.min_delta = min_delta
+        self.min_epochs = min_epochs
         self.best = -math.inf
         self.best_state = None
+        self.best_epoch = None
         self.stale = 0
+        self.epochs = 0
         self.seen_finite = False
 
     def step(self, score: float, state) -> bool:
         """Record this epoch's ``score``; ``state()`` returns the weights to keep if it is the best. Returns True
         when training should stop."""
+        self.epochs += 1
         if math.isnan(score):
             if not self.seen_finite:
                 self.best_state = copy.deepcopy(state())
             return False
-        if score > self.best:
-            self.best, self.stale, self.seen_finite = score, 0, True
+        if score > self.best + self.min_delta:
+            self.best, self.stale, self.seen_finite, self.best_epoch = score, 0, True, self.epochs
             self.best_state = copy.deepcopy(state())
             return False
         self.stale += 1
-        return self.stale >= self.patience
+        return self.stale >= self.patience and self.epochs >= self.min_epochs
 
 
 def _macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
@@ -187,34 +223,77 @@ def _predict_top(model: TopModel, trunk: torch.Tensor, batch: int = 256) -> np.n
     return torch.cat([torch.sigmoid(model(trunk[i:i + batch])) for i in range(0, len(trunk), batch)]).numpy()
 
 
-def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray | None,
-              spec: FinetuneSpec, seed: int, epochs: int | None = None) -> TopModel:
-    """The paper's protocol on ``train_rows``: masked BCE with pos_weight from this subset, AdamW, early
-    stopping on validation macro-AUROC (when ``val_rows`` is given) or ``epochs`` fixed epochs."""
+def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor, spec: FinetuneSpec, seed: int,
+                          validate=None, epochs: int | None = None) -> EarlyStopping:
+    """The public fine-tuning loop (``Finetuning.py:422-616``) over ``len(y)`` training rows.
+
+    ``forward(rows)`` returns the logits (B, T) of those training rows; ``validate()`` the validation macro AUROC
+    (None: no early stopping, ``epochs`` fixed epochs). Micro-batches of ``spec.batch_size`` in a fresh random order
+    each epoch; the loss is the masked BCE (sum over labelled entries / their count, a micro-batch without labels is
+    skipped, :462-476, :565-566) with ``pos_weight`` from these rows (defect 7 fixed); gradients are accumulated over
+    ``grad_accum_steps`` micro-batches counted across epochs (DeepSpeed's global micro-step), clipped to norm
+    ``grad_clip``, then AdamW steps; OneCycleLR (cosine, ``max(lr, 1e-3)`` peak) is stepped every micro-batch over
+    ``max_epochs`` epochs' worth of micro-batches. The best epoch's weights are loaded back into ``model``.
+
+    Returns:
+        The stopper (``best_epoch``, ``epochs``, ``best``) for the record.
+    """
     torch.manual_seed(seed)
-    model = TopModel(init.encoder, labels.shape[1])
-    trunk = init.trunk[torch.as_tensor(init.at(train_rows))]
-    y = torch.as_tensor(labels[train_rows])
-    pos_weight = pos_weight_from_subset(y)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    val_trunk = init.trunk[torch.as_tensor(init.at(val_rows))] if val_rows is not None else None
-    stopper = EarlyStopping(spec.patience)
+    parameters = [p for p in parameters if p.requires_grad]
+    pos_weight = pos_weight_from_subset(y, spec.pos_weight_cap)
+    optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    steps_per_epoch = max(1, math.ceil(len(y) / spec.batch_size))
+    total_epochs = max(spec.max_epochs, epochs or 0)
+    # ≥ 20 steps: OneCycle needs a warm-up phase of at least one step (only the smoke profile's tiny schedules hit it)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max(spec.lr, 1e-3), total_steps=max(20, steps_per_epoch * total_epochs),
+        pct_start=spec.onecycle_pct_start, anneal_strategy="cos", div_factor=spec.onecycle_div_factor,
+        final_div_factor=spec.onecycle_final_div_factor)
+    stopper = EarlyStopping(spec.patience, spec.min_delta, spec.min_epochs)
+    micro = 0
+    optimizer.zero_grad(set_to_none=True)
     for _epoch in range(epochs or spec.max_epochs):
         model.train()
-        order = torch.randperm(len(trunk), generator=generator)
+        order = torch.randperm(len(y), generator=generator)
         for i in range(0, len(order), spec.batch_size):
             take = order[i:i + spec.batch_size]
-            loss = masked_bce_with_logits(model(trunk[take]), y[take], pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if val_trunk is None:
+            target = y[take]
+            if not (~torch.isnan(target)).any():
+                continue
+            loss = masked_bce_with_logits(forward(take), target, pos_weight)
+            (loss / spec.grad_accum_steps).backward()
+            micro += 1
+            if micro % spec.grad_accum_steps == 0:
+                torch.nn.utils.clip_grad_norm_(parameters, spec.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if scheduler.last_epoch + 1 < scheduler.total_steps:
+                with warnings.catch_warnings():  # stepped per micro-batch, before the first accumulated step, as :569
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+        if validate is None:
             continue
-        if stopper.step(_macro_auroc(labels[val_rows], _predict_top(model, val_trunk)), model.state_dict):
+        if stopper.step(validate(), model.state_dict):
             break
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
+    return stopper
+
+
+def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray | None,
+              spec: FinetuneSpec, seed: int, epochs: int | None = None) -> TopModel:
+    """The paper's protocol on ``train_rows`` (:func:`train_public_protocol` on the cached frozen trunk): early
+    stopping on validation macro AUROC when ``val_rows`` is given, else ``epochs`` fixed epochs."""
+    torch.manual_seed(seed)
+    model = TopModel(init.encoder, labels.shape[1], spec.reinit_feature, spec.train_batchnorm)
+    trunk = init.trunk[torch.as_tensor(init.at(train_rows))]
+    y = torch.as_tensor(labels[train_rows])
+    validate = None
+    if val_rows is not None:
+        val_trunk = init.trunk[torch.as_tensor(init.at(val_rows))]
+        validate = lambda: _macro_auroc(labels[val_rows], _predict_top(model, val_trunk))  # noqa: E731
+    train_public_protocol(model, model.parameters(), lambda take: model(trunk[take]), y, spec, seed, validate, epochs)
     return model
 
 
@@ -232,41 +311,39 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c
     return model.predict_proba(test_x)[:, 1]
 
 
+class _ScratchNetwork(nn.Module):
+    """The public scratch model: a randomly initialised encoder and the ten heads, every layer trained."""
+
+    def __init__(self, image_spec: ImageEncoderSpec, n_tasks: int):
+        super().__init__()
+        self.encoder = ImageEncoder(image_spec)
+        self.heads = nn.Linear(image_spec.feature_dim, n_tasks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.encoder(x))
+
+
+def _stack_images(dataset: CohortDataset, positions) -> torch.Tensor:
+    return torch.stack([dataset[int(i)]["image"] for i in positions])
+
+
 def train_scratch_all(manifest, dataset_train: CohortDataset, dataset_val: CohortDataset, dataset_test: CohortDataset,
                       image_spec: ImageEncoderSpec, labels: np.ndarray, spec: FinetuneSpec, seed: int) -> np.ndarray:
-    """The paper's scratch baseline: every layer from random weights, early stopping on validation macro-AUROC.
-    Returns test probabilities (n_test, T)."""
+    """The public scratch baseline (``Finetuning.py:334-346``): every layer from random weights, trained with the
+    public loop (:func:`train_public_protocol`, ≤ ``scratch_all_max_epochs``). Returns test probabilities (n_test, T)."""
     torch.manual_seed(seed)
-    encoder = ImageEncoder(image_spec)
-    heads = nn.Linear(image_spec.feature_dim, labels.shape[1])
-    params = list(encoder.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=spec.scratch_all_lr, weight_decay=spec.weight_decay)
+    net = _ScratchNetwork(image_spec, labels.shape[1])
     y_train = torch.as_tensor(labels[dataset_train.rows])
-    pos_weight = pos_weight_from_subset(y_train)
-    generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def predict(ds):
-        encoder.eval()
-        out = [torch.sigmoid(heads(encoder(b["image"]))) for b in torch.utils.data.DataLoader(ds, batch_size=128)]
+        net.eval()
+        out = [torch.sigmoid(net(b["image"])) for b in torch.utils.data.DataLoader(ds, batch_size=128)]
         return torch.cat(out).numpy()
 
-    stopper = EarlyStopping(spec.patience)
-    for _epoch in range(spec.scratch_all_max_epochs):
-        encoder.train()
-        loader = torch.utils.data.DataLoader(dataset_train, batch_size=spec.batch_size, shuffle=True, generator=generator,
-                                             drop_last=len(dataset_train) > spec.batch_size)
-        for batch in loader:
-            loss = masked_bce_with_logits(heads(encoder(batch["image"])), batch["labels"], pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if stopper.step(_macro_auroc(labels[dataset_val.rows], predict(dataset_val)),
-                        lambda: (encoder.state_dict(), heads.state_dict())):
-            break
-    if stopper.best_state is not None:
-        encoder.load_state_dict(stopper.best_state[0])
-        heads.load_state_dict(stopper.best_state[1])
+    train_public_protocol(net, net.parameters(), lambda take: net(_stack_images(dataset_train, take)), y_train,
+                          replace(spec, max_epochs=spec.scratch_all_max_epochs), seed,
+                          lambda: _macro_auroc(labels[dataset_val.rows], predict(dataset_val)))
     return predict(dataset_test)
 
 
@@ -321,7 +398,7 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
     from tqdm.auto import tqdm
 
     spec, y_test, records, predictions = exp.spec, exp.test_labels(), [], {}
-    train, val, test = exp.rows["train"], exp.rows["val"], exp.rows["test"]
+    train, val, test = labelled_rows(exp.labels, exp.rows["train"]), exp.rows["val"], exp.rows["test"]
     jobs = [(f, s) for f in spec.fractions for s in spec.fraction_seeds]
     for name, init in exp.inits.items():
         for fraction, seed in tqdm(jobs, desc=f"fine-tuning {name}", disable=not progress):
@@ -355,25 +432,30 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
 
 
 def run_kshot(exp: Experiment, log=print, progress: bool = False) -> tuple[pd.DataFrame, dict, dict]:
-    """True k-shot: per task, k positives + k negatives from the training split, ``kshot_seeds`` draws, the same
-    subsets for every init. Returns records, test predictions keyed by ``(protocol, init, k, seed, task)``, and
-    the sampled patient ids ``{task: {k: {seed: [ids]}}}``."""
+    """True k-shot: per task, k positives + k negatives from the training split, ``kshot_seeds`` draws per
+    pretraining seed (draw d of seed K uses :func:`kshot_draw_seed`), the same subsets for every init of a seed.
+    Returns records, test predictions keyed by ``(protocol, init, k, draw, task)``, and the sampled patient ids
+    ``{"sK": {task: {k: {draw: [ids]}}}}``."""
     from tqdm.auto import tqdm
+
+    from xcardia.reporting import seed_of
 
     spec, y_test, records, predictions = exp.spec, exp.test_labels(), [], {}
     train, test = exp.rows["train"], exp.rows["test"]
     ids = exp.manifest["patient_id"].to_numpy()
     subsets: dict = {}
-    draws = {}
-    for t, task in enumerate(LABELS):
-        for k in spec.ks:
-            for seed in range(spec.kshot_seeds):
-                rows, reason = kshot_subset(exp.labels, train, t, k, seed)
-                draws[(t, k, seed)] = (rows, reason)
-                subsets.setdefault(task, {}).setdefault(str(k), {})[str(seed)] = (
-                    [str(i) for i in ids[rows]] if rows is not None else {"skipped": reason})
+    draws: dict = {}  # seed offset → {(task, k, draw): (rows, reason)}
+    for offset in sorted({seed_of(name) for name in exp.inits} or {0}):
+        for t, task in enumerate(LABELS):
+            for k in spec.ks:
+                for draw in range(spec.kshot_seeds):
+                    rows, reason = kshot_subset(exp.labels, train, t, k, kshot_draw_seed(draw, offset))
+                    draws.setdefault(offset, {})[(t, k, draw)] = (rows, reason)
+                    subsets.setdefault(f"s{offset}", {}).setdefault(task, {}).setdefault(str(k), {})[str(draw)] = (
+                        [str(i) for i in ids[rows]] if rows is not None else {"skipped": reason})
     for name, init in exp.inits.items():
-        for (t, k, seed), (rows, reason) in tqdm(draws.items(), desc=f"k-shot {name}", disable=not progress):
+        for (t, k, seed), (rows, reason) in tqdm(draws[seed_of(name)].items(), desc=f"k-shot {name}",
+                                                 disable=not progress):
             for protocol in spec.kshot_protocols:
                 if protocol == "paper" and k not in spec.kshot_paper_ks:
                     continue
@@ -475,7 +557,8 @@ def _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache
     if part == "finetune":
         records, predictions = run_fraction_sweep(exp, log, progress)
         ids = manifest["patient_id"].to_numpy()
-        subsets = {str(f): {str(s): [str(i) for i in ids[fraction_subset(exp.rows["train"], f, s)]]
+        train = labelled_rows(exp.labels, exp.rows["train"])
+        subsets = {str(f): {str(s): [str(i) for i in ids[fraction_subset(train, f, s)]]
                             for s in spec.fraction_seeds} for f in spec.fractions}
     else:
         records, predictions, subsets = run_kshot(exp, log, progress)

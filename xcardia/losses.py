@@ -179,13 +179,15 @@ def masked_bce_with_logits(logits: torch.Tensor, targets: torch.Tensor,
     return per_entry.sum() / observed.sum().clamp(min=1)
 
 
-def pos_weight_from_subset(targets: torch.Tensor, max_weight: float = 100.0) -> torch.Tensor:
-    """Per-task negatives/positives counted on ``targets`` (B, T) — the subset being trained on. A task without
-    positives or negatives gets weight 1."""
+def pos_weight_from_subset(targets: torch.Tensor, max_weight: float | None = None) -> torch.Tensor:
+    """Per-task negatives/positives counted on ``targets`` (B, T) — the subset being trained on (the public code,
+    ``Finetuning.py:449-459``, counted the full training set: defect 7). A task without positives or negatives gets
+    weight 1 (the public code gives 0 to a task with positives and no negatives). ``max_weight``: an optional cap
+    (None, as the public code)."""
     pos = (targets == 1).sum(0).to(targets.dtype)
     neg = (targets == 0).sum(0).to(targets.dtype)
     weight = torch.where((pos > 0) & (neg > 0), neg / pos.clamp(min=1), torch.ones_like(pos))
-    return weight.clamp(max=max_weight)
+    return weight if max_weight is None else weight.clamp(max=max_weight)
 
 
 def nw_query(e_img: torch.Tensor, e_tab: torch.Tensor | None, mode: str) -> torch.Tensor:

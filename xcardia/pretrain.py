@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -61,10 +62,12 @@ TRAINING_SPLITS = ("pretrain", "train")
 
 def apply_variant(model: ModelSpec, spec: PretrainSpec) -> tuple[ModelSpec, PretrainSpec]:
     """Settings that distinguish the ``paper`` variant from the ``fixed`` one."""
-    if spec.variant == "paper":
+    if spec.variant == "paper":  # the public code's settings, accidents included (docs/method.md §6)
         return (replace(model, nw_temperature=1.0, learnable_nw_temperature=False, clip_temperature=0.07,
-                        learnable_clip_temperature=False), replace(spec, tabular_missing="knn"))
-    return replace(model, nw_temperature=0.1, learnable_nw_temperature=True), replace(spec, tabular_missing="token")
+                        learnable_clip_temperature=False, tabular_init="xavier"),
+                replace(spec, tabular_missing="knn", kmeans_n_init="auto", scheduler_epoch_lag=True))
+    return (replace(model, nw_temperature=0.1, learnable_nw_temperature=True),
+            replace(spec, tabular_missing="token"))
 
 
 def effective_model_spec(model: ModelSpec, spec: PretrainSpec) -> ModelSpec:
@@ -266,7 +269,7 @@ class _Run:
     def rebuild_kmeans_bank(self) -> SupportBank:
         embedded = self.embed_train(self.model, self.spec.nw_query, self.autocast)
         return build_kmeans_bank(embedded["query"], embedded["concepts"], embedded["index"],
-                                 self.spec.bank_k_per_concept, self.spec.seed)
+                                 self.spec.bank_k_per_concept, self.spec.seed, self.spec.kmeans_n_init)
 
     def support_bank(self) -> SupportBank | None:
         """The support the NW head validates against (the queue's filled part, or the k-means bank)."""
@@ -436,7 +439,12 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool, on_step=None) -> tupl
             on_step(epoch, step)
         t_ready = time.perf_counter()
     bar.close()
-    run.scheduler.step()
+    if spec.scheduler_epoch_lag:  # the public sched.step(epoch) (Pretraining.py:555): the next epoch reuses this rate
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PyTorch deprecates the epoch argument
+            run.scheduler.step(epoch)
+    else:
+        run.scheduler.step()
     return sums, n_batches, wait, t_epoch
 
 

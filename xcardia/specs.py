@@ -30,6 +30,10 @@ class PretrainSpec:
         bank_k_per_concept, bank_refresh_every: paper: 5 exemplars per concept, rebuilt every 5 epochs.
         queue_size: capacity of the queue bank.
         tabular_missing: ``token`` (learned missing tokens) or ``knn`` (the paper's imputation).
+        kmeans_n_init: k-means restarts of the support bank (public: ``"auto"``, ``Pretraining.py:310``; fixed: 10).
+        scheduler_epoch_lag: step the cosine schedule as ``sched.step(epoch)`` after epoch ``epoch`` (0-based), as the
+            public code does (``Pretraining.py:555``), so every epoch after the first trains at the previous epoch's
+            rate; the ``paper`` variant reproduces it, the ``fixed`` one steps without the lag.
         scarf_rate: share of tabular features corrupted per row (0 = off).
         augment: small affine and noise augmentation of the CT (off, as the public code's default).
         num_workers: data loader processes.
@@ -55,6 +59,8 @@ class PretrainSpec:
     bank_refresh_every: int = 5
     queue_size: int = 4096
     tabular_missing: str = "token"
+    kmeans_n_init: int | str = 10
+    scheduler_epoch_lag: bool = False
     scarf_rate: float = 0.0
     augment: bool = False
     num_workers: int = 0
@@ -88,16 +94,45 @@ class PretrainSpec:
 
 @dataclass(frozen=True)
 class FinetuneSpec:
-    """Downstream settings (fixed before any result was seen, identical for every init)."""
+    """Downstream settings (fixed before any result was seen, identical for every init).
 
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    max_epochs: int = 30
-    patience: int = 5
+    The ``paper`` protocol's hyper-parameters are the public ``Finetune/Finetuning.py``'s (sumona00/X-Cardia at
+    4dfb3c3); ``tests/test_protocol_pinning.py`` pins each one to its public line, and ``docs/method.md`` §6 lists
+    every difference. Profiles may shorten the schedule (``smoke``); the public values are the defaults.
+
+    Attributes:
+        lr, weight_decay: AdamW (Finetuning.py:123-124, :431); also OneCycle's peak, ``max(lr, 1e-3)`` (:436-437).
+        batch_size, grad_accum_steps: micro-batch 12 with 2 accumulation steps (:120, :127, :423-424).
+        grad_clip: gradient-norm clip at every optimiser step (:428).
+        onecycle_pct_start, onecycle_div_factor, onecycle_final_div_factor: OneCycleLR, cosine (:439-447), stepped
+            per micro-batch (:569) over ``max_epochs`` epochs.
+        max_epochs, patience, min_delta, min_epochs: early stopping on validation macro AUROC (:122, :130-132,
+            :592-616); the best epoch's weights are tested (:619-626).
+        reinit_feature: the 2048 → 128 feature layer after the backbone is re-initialised (:336-338).
+        train_batchnorm: BatchNorm of the trained stage in training mode (``model_engine.train()``, :556).
+        pos_weight_cap: an upper bound on BCE ``pos_weight`` (None: the public code has none, :449-459).
+        kshot_epochs: k-shot fine-tuning runs this many epochs of the same schedule, no early stopping (a k-shot
+            user has no labelled validation set; the public code has no k-shot sampler).
+        scratch_all_max_epochs: the all-layers-trainable scratch baseline (public: the same 100).
+    """
+
+    lr: float = 5e-3
+    weight_decay: float = 1e-3
+    batch_size: int = 12
+    grad_accum_steps: int = 2
+    grad_clip: float = 1.0
+    onecycle_pct_start: float = 0.1
+    onecycle_div_factor: float = 1.0
+    onecycle_final_div_factor: float = 10.0
+    max_epochs: int = 100
+    patience: int = 6
+    min_delta: float = 1e-4
+    min_epochs: int = 6
+    reinit_feature: bool = True
+    train_batchnorm: bool = True
+    pos_weight_cap: float | None = None
     kshot_epochs: int = 40
-    scratch_all_lr: float = 3e-4
-    scratch_all_max_epochs: int = 20
+    scratch_all_max_epochs: int = 100
     fractions: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
     fraction_seeds: tuple[int, ...] = (123, 456, 789)
     scratch_all_fractions: tuple[float, ...] = (1.0,)

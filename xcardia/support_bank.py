@@ -43,7 +43,7 @@ class SupportBank:
 
 
 def kmeans_exemplars(embeddings: np.ndarray, concepts: np.ndarray, k_per_concept: int = 5, seed: int = 0,
-                     fallback: int = 8) -> np.ndarray:
+                     fallback: int = 8, n_init: int | str = 10) -> np.ndarray:
     """Indices of the paper's exemplars: per concept, the patients closest to k-means centres among its positives.
 
     Args:
@@ -53,6 +53,7 @@ def kmeans_exemplars(embeddings: np.ndarray, concepts: np.ndarray, k_per_concept
         k_per_concept: exemplars per concept (paper: 5).
         seed: k-means seed.
         fallback: if no concept has a positive, this many patients at random (seeded), as the paper does.
+        n_init: k-means restarts (the public code: ``"auto"``, i.e. one k-means++ run, ``Pretraining.py:310``).
 
     Returns:
         Sorted unique row indices.
@@ -69,7 +70,7 @@ def kmeans_exemplars(embeddings: np.ndarray, concepts: np.ndarray, k_per_concept
             chosen.update(int(i) for i in positives[:k])
             continue
         points = embeddings[positives].astype(np.float64)
-        centres = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(points).cluster_centers_
+        centres = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points).cluster_centers_
         for centre in centres:
             chosen.add(int(positives[np.argmin(((points - centre) ** 2).sum(1))]))
     if not chosen:
@@ -80,7 +81,7 @@ def kmeans_exemplars(embeddings: np.ndarray, concepts: np.ndarray, k_per_concept
 
 @torch.no_grad()
 def build_kmeans_bank(embeddings: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
-                      k_per_concept: int = 5, seed: int = 0) -> SupportBank:
+                      k_per_concept: int = 5, seed: int = 0, n_init: int | str = 10) -> SupportBank:
     """The paper's bank from this rank's embedded shard, built collectively across ranks.
 
     Args:
@@ -89,6 +90,7 @@ def build_kmeans_bank(embeddings: torch.Tensor, targets: torch.Tensor, indices: 
         indices: (n,) their dataset indices; duplicates from a padded distributed sampler are dropped.
         k_per_concept: exemplars per concept.
         seed: k-means seed (the same on every rank).
+        n_init: k-means restarts (see :func:`kmeans_exemplars`).
     """
     all_emb = gather_no_grad(embeddings.float())
     all_tgt = gather_no_grad(targets.float())

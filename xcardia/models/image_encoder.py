@@ -37,6 +37,12 @@ class ImageEncoderSpec:
         feature_dim: the image feature size (the paper: 128).
         norm: ``batch`` (the paper), ``instance`` or ``group`` (8 groups); the last two do not depend on the batch,
             which matters at the small per-GPU batches of 3-D training.
+        bias_downsample: a bias in the shortcut's 1×1×1 convolution (MONAI's default); Hara's ResNet, which the
+            public code uses (``Pretrain/resnet.py:33-38, 188-191``), has none.
+        input_axes: ``xyz`` (the companion's RAS volumes as they are) or ``zyx``: the volume is transposed to
+            (slice, row, column) before the stem, the D, H, W order in which the public code reads its ``.npy``
+            volumes (``Finetuning.py:256``), so that its stem's stride-1 axis is the slice axis and its weights
+            apply to the axes they were trained on.
     """
 
     arch: str = "resnet18"
@@ -46,6 +52,8 @@ class ImageEncoderSpec:
     max_pool: bool = True
     feature_dim: int = 128
     norm: str = "batch"
+    bias_downsample: bool = True
+    input_axes: str = "xyz"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -58,7 +66,17 @@ class ImageEncoderSpec:
         stride = d["conv1_stride"]
         return cls(arch=d["arch"], widths=tuple(d["widths"]), conv1_size=int(d["conv1_size"]),
                    conv1_stride=tuple(stride) if isinstance(stride, (list, tuple)) else int(stride),
-                   max_pool=bool(d["max_pool"]), feature_dim=int(d["feature_dim"]), norm=d.get("norm", "batch"))
+                   max_pool=bool(d["max_pool"]), feature_dim=int(d["feature_dim"]), norm=d.get("norm", "batch"),
+                   bias_downsample=bool(d.get("bias_downsample", True)), input_axes=d.get("input_axes", "xyz"))
+
+
+#: The public code's encoder (``Pretrain/resnet.py`` ``generate_model(50, n_input_channels=1, conv1_t_size=7,
+#: conv1_t_stride=1)``, ``Pretraining.py:490-499``, 2048 → 128 ``fc_img`` at :232): Hara's 3D ResNet-50 with
+#: shortcut B and bias-free downsampling, stem kernel 7³ with stride (1, 2, 2) over (D, H, W), max-pool. Built from
+#: MONAI's ResNet, whose key names and shapes then equal the public model's (``tests/fixtures/``).
+PUBLIC_ARCHITECTURE = ImageEncoderSpec(arch="resnet50", widths=(64, 128, 256, 512), conv1_size=7,
+                                       conv1_stride=(1, 2, 2), max_pool=True, feature_dim=128,
+                                       bias_downsample=False, input_axes="zyx")
 
 
 class ImageEncoder(nn.Module):
@@ -76,13 +94,15 @@ class ImageEncoder(nn.Module):
             raise XcardiaError(f"unknown image encoder {spec.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         block, layers = ARCHITECTURES[spec.arch]
         norms = {"batch": "batch", "instance": ("instance", {"affine": True}), "group": ("group", {"num_groups": 8})}
+        if spec.input_axes not in ("xyz", "zyx"):
+            raise XcardiaError(f"input_axes must be 'xyz' or 'zyx', got {spec.input_axes!r}")
         if spec.norm not in norms:
             raise XcardiaError(f"unknown norm {spec.norm!r}; choose one of {', '.join(norms)}")
         self.spec = spec
         self.backbone = ResNet(block=block, layers=layers, block_inplanes=list(spec.widths), spatial_dims=3,
                                n_input_channels=1, conv1_t_size=spec.conv1_size, conv1_t_stride=spec.conv1_stride,
                                no_max_pool=not spec.max_pool, shortcut_type="B", feed_forward=False,
-                               norm=norms[spec.norm])
+                               bias_downsample=spec.bias_downsample, norm=norms[spec.norm])
         if spec.norm != "batch":
             # MONAI 1.6's ResNet passes `norm` to its stem only (`_make_layer` is called without it), so the blocks
             # and shortcuts keep BatchNorm: replace those here.
@@ -104,6 +124,8 @@ class ImageEncoder(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
+        if self.spec.input_axes == "zyx":
+            x = x.permute(0, 1, 4, 3, 2)
         x = b.act(b.bn1(b.conv1(x)))
         if not b.no_max_pool:
             x = b.maxpool(x)

@@ -5,6 +5,14 @@ did not match, so the pretrained weights most likely never loaded and nobody was
 explicitly (from an encoder file, a pretraining checkpoint, or a state dict in the paper's naming) and refuses —
 listing the keys — unless every tensor of the encoder is loaded with the right shape. Files are read with
 ``torch.load(..., weights_only=True)``.
+
+The public code's files load too, into :data:`PUBLIC_ARCHITECTURE` (its Hara ResNet-50):
+
+- ``Pretraining.py``'s ``best.pth`` / ``latest.pth`` (a bare ``MultiModalNW`` state dict, :588-591): ``res3d.*`` is
+  the backbone and ``fc_img.*`` the 2048 → 128 feature layer; ``res3d.fc.*`` exists in that file but the model's
+  forward never uses it (:240-254), so it is dropped;
+- ``Finetuning.py``'s ``best_model.pt`` (``{"model": MultiTaskModel state dict, "epoch", "macro_val_auc"}``,
+  :599): ``backbone.*`` is the backbone and ``backbone.fc.*`` the feature layer (:336-338); the heads are dropped.
 """
 
 from __future__ import annotations
@@ -16,15 +24,17 @@ import torch
 
 from xcardia.atomic import write_atomic
 from xcardia.errors import XcardiaError
-from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
+from xcardia.models.image_encoder import PUBLIC_ARCHITECTURE, ImageEncoder, ImageEncoderSpec
 
 ENCODER_FORMAT = "xcardia-image-encoder"
 #: Key prefixes of known sources → the encoder's own names.
-KEY_PREFIXES: dict[str, str] = {
+KEY_PREFIXES: dict[str, str | None] = {
     "image_encoder.": "",        # an xcardia pretraining checkpoint's full model
     "module.image_encoder.": "",  # the same saved from a DDP wrapper
+    "res3d.fc.": None,           # the public MultiModalNW's unused classifier (Pretraining.py:240-254): dropped
     "res3d.": "backbone.",       # the paper's MultiModalNW: its 3D ResNet ...
     "fc_img.": "feature.",       # ... and its 2048 → 128 image feature layer
+    "backbone.fc.": "feature.",  # Finetuning.py's MultiTaskModel: the backbone's fc is the 128-d feature layer
 }
 
 
@@ -42,9 +52,11 @@ def map_encoder_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """Encoder tensors of ``state_dict`` under the encoder's own key names (other tensors are dropped)."""
     mapped = {}
     for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.res3d.") or key.startswith("module.fc_img.") else key
         for prefix, replacement in KEY_PREFIXES.items():
             if key.startswith(prefix):
-                mapped[replacement + key[len(prefix):]] = value
+                if replacement is not None:
+                    mapped[replacement + key[len(prefix):]] = value
                 break
         else:
             if key.startswith(("backbone.", "feature.")):
@@ -72,6 +84,14 @@ def load_encoder_state(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor
     encoder.load_state_dict(mapped, strict=True)
 
 
+def _is_public_state(payload: dict) -> bool:
+    """A state dict written by the public code (``res3d.*``/``fc_img.*`` or ``backbone.*`` + ``heads.*``)."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in payload]
+    return bool(keys) and all(isinstance(v, torch.Tensor) for v in payload.values()) and (
+        any(k.startswith("res3d.") for k in keys)
+        or (any(k.startswith("backbone.") for k in keys) and any(k.startswith("heads.") for k in keys)))
+
+
 def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
     """An :class:`ImageEncoder` and its metadata from an encoder file, a pretraining run folder (its
     ``encoder.pt``) or a pretraining checkpoint.
@@ -97,6 +117,11 @@ def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
     elif "model" in payload and "config" in payload:  # a pretraining checkpoint
         spec = payload["config"]["model"]["image"]
         state, metadata = payload["model"], {"source": "checkpoint", "epoch": payload.get("epoch")}
+    elif _is_public_state(payload):  # Pretraining.py's best.pth / latest.pth
+        spec, state, metadata = PUBLIC_ARCHITECTURE.to_dict(), payload, {"source": "public Pretraining.py"}
+    elif isinstance(payload.get("model"), dict) and _is_public_state(payload["model"]):  # Finetuning.py's best_model.pt
+        spec, state = PUBLIC_ARCHITECTURE.to_dict(), payload["model"]
+        metadata = {"source": "public Finetuning.py", "epoch": payload.get("epoch")}
     else:
         raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint (no 'format' or 'model' entry)")
     try:

@@ -34,6 +34,8 @@ class ModelSpec:
         learnable_clip_temperature: learn CLIP's logit scale (clamped at ln 100).
         nw_temperature: NW τ (paper: 1.0, which with cosine similarity gives near-uniform weights).
         learnable_nw_temperature: learn the NW τ.
+        tabular_init: ``default`` (PyTorch's initialisation) or ``xavier``: every Linear of the tabular transformer
+            Xavier-uniform with zero bias, as the public encoder does (``Pretraining.py:206-211``).
     """
 
     image: ImageEncoderSpec = field(default_factory=ImageEncoderSpec)
@@ -48,6 +50,7 @@ class ModelSpec:
     learnable_clip_temperature: bool = False
     nw_temperature: float = 1.0
     learnable_nw_temperature: bool = False
+    tabular_init: str = "default"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,6 +76,12 @@ class XCardiaModel(nn.Module):
             self.tabular_encoder = FeatureTokenTransformer(n_tabular_features, spec.tabular_d_model, spec.tabular_layers,
                                                            spec.tabular_heads, spec.tabular_ff, out_dim=spec.proj_dim,
                                                            dropout=spec.tabular_dropout)
+            if spec.tabular_init == "xavier":
+                for m in self.tabular_encoder.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.xavier_uniform_(m.weight)
+                        if m.bias is not None:
+                            nn.init.zeros_(m.bias)
         elif spec.tabular == "mlp":
             self.tabular_encoder = TabularMLP(n_tabular_features, spec.tabular_d_model, out_dim=spec.proj_dim)
         else:
