@@ -20,6 +20,7 @@ import torch
 
 from ct_fixtures import write_dicom_series, write_phantom_nifti
 from xcardia.cli import main
+from xcardia.errors import XcardiaError
 
 SMOKE = ["--profile", "smoke"]
 
@@ -339,3 +340,43 @@ def test_fine_tuning_results_are_recomputed_after_labels_change(cohort, tmp_path
                                   log=lines.append)
     assert not any("reusing" in line for line in lines) and any("labels changed" in line for line in lines)
     assert np.nanmin(y[:, -1]) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ issue 22 (second pass)
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--workers", "-1"], "0 or more"),
+    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--seed", "-1"], "outside 0.."),
+    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--seed", str(2**40)], "outside 0.."),
+    (["finetune", "--init", "scratch", "--data", "X", "--out", "O", "--seed", "x"], "integer seed"),
+])
+def test_bad_workers_and_seeds_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_workers_above_the_cpu_count_are_capped_with_a_notice(capsys):
+    import os
+
+    from xcardia.cli import _workers
+
+    assert _workers(str((os.cpu_count() or 1) + 997)) == (os.cpu_count() or 1)
+    assert "more than this machine's" in capsys.readouterr().err
+    assert _workers("0") == 0
+
+
+def test_an_unfinished_pretraining_run_is_refused_unless_asked_for(tmp_path, capsys):
+    import json as _json
+
+    from xcardia.finetune import refuse_unfinished
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(_json.dumps({"status": "running"}))
+    with pytest.raises(XcardiaError, match="did not finish .*status: running.*--allow-unfinished"):
+        refuse_unfinished(str(run))
+    assert refuse_unfinished(str(run), allow_unfinished=True, log=print) is True
+    assert "warning" in capsys.readouterr().out
+    (run / "run.json").write_text(_json.dumps({"status": "complete"}))
+    assert refuse_unfinished(str(run)) is False

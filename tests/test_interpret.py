@@ -139,3 +139,15 @@ def test_saliency_inside_the_heart_works_from_a_heart_mask_column(tiny_cohort, t
     study = saliency_study(profile, manifest, {"scratch": "scratch"}, tmp_path / "cache", n_patients=3, n_boot=10)
     heart = study["table"][study["table"]["region"] == "heart"]
     assert len(heart) == 2 and heart["volume_share"].between(0.01, 0.9).all()
+
+
+def test_cross_modal_pca_reads_alignment_as_matched_over_unmatched_cosine_and_a_gap_between_clouds():
+    from xcardia.interpret import cross_modal_pca
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(60, 16))
+    aligned = cross_modal_pca(z, z + 0.1 * rng.normal(size=z.shape))
+    assert aligned["matched_cosine"] > 0.9 > 0.2 > abs(aligned["unmatched_cosine"])
+    assert aligned["modality_gap"] < 0.2 and aligned["coords"].shape == (120, 2)
+    apart = cross_modal_pca(z + 5.0, rng.normal(size=z.shape) - 5.0)  # two clouds, unrelated patients
+    assert apart["modality_gap"] > 3 and abs(apart["matched_cosine"] - apart["unmatched_cosine"]) < 0.1

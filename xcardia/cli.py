@@ -36,6 +36,39 @@ def _positive_float(text: str) -> float:
     return value
 
 
+#: Seeds are offset per replicate and per k-shot draw (``+ 1000·K``), and scikit-learn accepts 0 ≤ seed < 2³².
+MAX_SEED = 2**31 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {value} is outside 0..{MAX_SEED} (NumPy and scikit-learn need a "
+                                         f"non-negative seed below 2³¹ once replicate offsets are added)")
+    return value
+
+
+def _workers(text: str) -> int:
+    """≥ 0 processes, capped at this machine's CPU count with a one-line notice (``--workers 999`` would start a
+    thousand loader processes and exhaust memory, killing other processes on the machine)."""
+    import os
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {value}")
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        print(f"notice: --workers {value} is more than this machine's {cpus} CPUs; using {cpus}", file=sys.stderr)
+        return cpus
+    return value
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     try:
         parts = [int(p) for p in text.split(",")]
@@ -74,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape", type=_shape, help="S or X,Y,Z voxels (each ≥ 16)")
     g.add_argument("--spacing", type=_positive_float, help="voxel spacing in mm")
     g.add_argument("--field-of-view", choices=["heart", "chest"])
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed)
     g.add_argument("--splits", type=_fractions, help="pretrain,train,val,test fractions (sum 1)")
     g.add_argument("--no-labelmap", action="store_true", help="do not write structure label maps")
-    g.add_argument("--workers", type=_positive_int, default=1)
+    g.add_argument("--workers", type=_workers, default=1, help="processes (capped at the CPU count; 0 = 1)")
     g.add_argument("--out", required=True, help="output folder (new, empty, or holding this same cohort)")
 
     v = sub.add_parser("validate", help="check a manifest and every file it points to (exit 0 clean, 1 otherwise)")
@@ -93,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", choices=_profile_names(), default="cpu")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=_seed)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--variant", choices=["paper", "fixed"], help="paper: the public code's settings; fixed: corrected")
     t.add_argument("--nw-query", choices=["fused", "image"])
     t.add_argument("--bank", choices=["kmeans", "queue", "batch"])
     t.add_argument("--batch-size", type=_positive_int, help="per process")
-    t.add_argument("--workers", type=int, help="data loader processes")
+    t.add_argument("--workers", type=_workers, help="data loader processes (capped at the CPU count)")
     t.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
     t.add_argument("--activation-checkpointing", action="store_true", help="GPU: recompute ResNet stages")
     t.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
@@ -113,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--data", required=True, help="manifest.csv or cohort folder")
         e.add_argument("--profile", choices=_profile_names(), default="cpu")
         e.add_argument("--out", required=True, help="results folder")
-        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--seed", type=_seed, default=0)
+        e.add_argument("--allow-unfinished", action="store_true",
+                       help="accept a pretraining run that did not finish (its latest encoder; stated in the results)")
         e.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
         if name == "fewshot":
             e.add_argument("--k", help="comma-separated k values (default: the profile's)")
@@ -129,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", choices=_profile_names(), default="cpu")
     r.add_argument("--out", help="output folder (default: outputs/<profile>)")
     r.add_argument("--data", help="a manifest.csv or cohort folder to use instead of the synthetic cohort")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--only", help="comma-separated notebook numbers or names to run (default: all)")
     r.add_argument("--notebooks", help="folder of numbered notebooks (default: the repository's notebooks/)")
     r.add_argument("--cell-timeout", type=int, default=-1,
@@ -164,7 +199,7 @@ def _cmd_generate(args) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise XcardiaError(f"--out {args.out} is an existing file; give a folder for the cohort (nothing was written)")
-    manifest = generate_cohort(args.out, spec, workers=args.workers)
+    manifest = generate_cohort(args.out, spec, workers=max(1, args.workers))
     print(f"cohort of {spec.n_patients} patients: {manifest}")
     return 0
 
@@ -260,7 +295,7 @@ def _cmd_evaluate(args) -> int:
     _refuse_output_in_inputs(out, args.data)
     if args.command == "finetune":
         records, predictions, y_test = finetune_experiment(profile, args.data, inits, out, args.cache, spec, args.seed,
-                                                           progress=True)
+                                                           progress=True, allow_unfinished=args.allow_unfinished)
         section = reporting.finetune_section(records, predictions, y_test, spec.n_boot, args.seed)
         update_metrics(out, "finetune", section)
         update_metrics(out, "claims", reporting.claims_from_sections(section, None))
@@ -275,7 +310,8 @@ def _cmd_evaluate(args) -> int:
             spec = replace(spec, ks=ks, kshot_paper_ks=tuple(k for k in ks if k in spec.kshot_paper_ks) or ks)
         if args.seeds:
             spec = replace(spec, kshot_seeds=args.seeds)
-        records, _, _ = fewshot_experiment(profile, args.data, inits, out, args.cache, spec, args.seed, progress=True)
+        records, _, _ = fewshot_experiment(profile, args.data, inits, out, args.cache, spec, args.seed, progress=True,
+                                           allow_unfinished=args.allow_unfinished)
         section = reporting.fewshot_section(records, k_table=5 if 5 in spec.ks else spec.ks[0])
         update_metrics(out, "fewshot", section)
         update_metrics(out, "claims", reporting.claims_from_sections(None, section))

@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -109,6 +110,25 @@ class EncodedInit:
 
     def at(self, rows: np.ndarray) -> np.ndarray:
         return np.array([self.position[int(r)] for r in rows], dtype=np.int64)
+
+
+def refuse_unfinished(source: str, allow_unfinished: bool = False, log=print) -> bool:
+    """Whether ``source`` is a pretraining run folder whose ``run.json`` does not say ``complete``; such a run is
+    refused in one line unless ``allow_unfinished`` (then said in the log). Returns True for an accepted
+    unfinished run."""
+    p = Path(str(source))
+    if not p.is_dir():
+        return False
+    info = RunFolder(p).info() or {}
+    status = info.get("status", "missing")
+    if status == "complete":
+        return False
+    if not allow_unfinished:
+        raise XcardiaError(f"--init {source}: the pretraining run did not finish (run.json status: {status}); "
+                           f"finish it with `pretrain --resume --out {source}`, or pass --allow-unfinished to "
+                           f"evaluate its latest encoder (the results will say so)")
+    log(f"[finetune] warning: {source} did not finish (status {status}); evaluating its latest encoder as asked")
+    return True
 
 
 def build_init(source: str, image_spec: ImageEncoderSpec, preprocess: PreprocessSpec, seed: int) -> ImageEncoder:
@@ -361,12 +381,16 @@ class Experiment:
     rows: dict = None
     datasets: dict = None
     inits: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
 
     def __post_init__(self):
         split = self.manifest["split"].astype(str)
         self.rows = {s: np.flatnonzero((split == s).to_numpy()) for s in ("train", "val", "test")}
         if len(self.rows["test"]) == 0:
             raise XcardiaError("the manifest has no test patients; evaluation needs a test split")
+        if len(self.rows["val"]) == 0:
+            raise XcardiaError("the manifest has no val patients; the paper protocol stops early on validation macro "
+                               "AUROC (Finetuning.py:590-616): give some patients split 'val'")
         self.labels = table_array(self.manifest, LABELS)
         self.datasets = {s: CohortDataset(self.manifest, r, self.cache, None, None, 0, in_memory=True)
                          for s, r in self.rows.items()}
@@ -401,6 +425,7 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
     train, val, test = labelled_rows(exp.labels, exp.rows["train"]), exp.rows["val"], exp.rows["test"]
     jobs = [(f, s) for f in spec.fractions for s in spec.fraction_seeds]
     for name, init in exp.inits.items():
+        started = time.perf_counter()
         for fraction, seed in tqdm(jobs, desc=f"fine-tuning {name}", disable=not progress):
             subset = fraction_subset(train, fraction, seed)
             counts = [(int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum())) for t in range(len(LABELS))]
@@ -412,11 +437,13 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
                 predictions[(protocol, name, fraction, seed)] = p
                 for t in range(len(LABELS)):
                     records.append(_record(protocol, name, "fraction", fraction, seed, t, y_test, p[:, t], *counts[t]))
+        exp.timing.setdefault("per_init_s", {})[name] = round(time.perf_counter() - started, 2)
         log(f"[finetune] {name}: {len(jobs)} fraction runs done")
     from xcardia.reporting import group_of
 
     scratch_names = [n for n in exp.inits if group_of(n) == "scratch"]
     if scratch_names:  # the paper's scratch policy, once (it retrains the whole network: the costliest protocol)
+        started = time.perf_counter()
         for fraction in spec.scratch_all_fractions:
             for seed in spec.scratch_all_seeds:
                 subset = fraction_subset(train, fraction, seed)
@@ -427,6 +454,7 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
                 for t in range(len(LABELS)):
                     counts = (int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum()))
                     records.append(_record("scratch_all", scratch_names[0], "fraction", fraction, seed, t, y_test, p[:, t], *counts))
+        exp.timing["scratch_all_s"] = round(time.perf_counter() - started, 2)
         log("[finetune] scratch with every layer trainable: done")
     return pd.DataFrame(records), predictions
 
@@ -454,6 +482,8 @@ def run_kshot(exp: Experiment, log=print, progress: bool = False) -> tuple[pd.Da
                     subsets.setdefault(f"s{offset}", {}).setdefault(task, {}).setdefault(str(k), {})[str(draw)] = (
                         [str(i) for i in ids[rows]] if rows is not None else {"skipped": reason})
     for name, init in exp.inits.items():
+        started = time.perf_counter()
+        grouped = _kshot_paper_grouped(init, exp, draws[seed_of(name)], test) if spec.batched_kshot else {}
         for (t, k, seed), (rows, reason) in tqdm(draws[seed_of(name)].items(), desc=f"k-shot {name}",
                                                  disable=not progress):
             for protocol in spec.kshot_protocols:
@@ -464,26 +494,62 @@ def run_kshot(exp: Experiment, log=print, progress: bool = False) -> tuple[pd.Da
                     continue
                 if protocol == "probe":
                     p = linear_probe(init.features[init.at(rows)], exp.labels[rows, t], init.features[init.at(test)], spec.probe_c)
+                elif (t, k, seed) in grouped:
+                    p = grouped[(t, k, seed)]
                 else:
                     model = train_top(init, exp.labels[:, [t]], rows, None, spec, seed, epochs=spec.kshot_epochs)
                     p = _predict_top(model, init.trunk[torch.as_tensor(init.at(test))])[:, 0]
                 predictions[(protocol, name, k, seed, t)] = p
                 records.append(_record(protocol, name, "kshot", k, seed, t, y_test, p, k, k))
+        exp.timing.setdefault("per_init_s", {})[name] = round(time.perf_counter() - started, 2)
         log(f"[fewshot] {name}: done")
     return pd.DataFrame(records), predictions, subsets
 
 
+def _kshot_paper_grouped(init: EncodedInit, exp: "Experiment", draws: dict, test: np.ndarray) -> dict:
+    """Test predictions of every k-shot ``paper`` run of ``init``, trained ``kshot_group_size`` at a time as grouped
+    models (:func:`xcardia.batched.train_kshot_grouped`): each member built and ordered exactly as
+    :func:`train_top` would, so the predictions equal the one-at-a-time path's to float tolerance."""
+    from xcardia.batched import predict_grouped, train_kshot_grouped
+
+    spec = exp.spec
+    jobs = [(key, rows) for key, (rows, _) in draws.items()
+            if rows is not None and "paper" in spec.kshot_protocols and key[1] in spec.kshot_paper_ks]
+    out: dict = {}
+    test_trunk = init.trunk[torch.as_tensor(init.at(test))]
+    for k in sorted({key[1] for key, _ in jobs}):
+        same_k = [(key, rows) for key, rows in jobs if key[1] == k]
+        for start in range(0, len(same_k), spec.kshot_group_size):
+            group = same_k[start:start + spec.kshot_group_size]
+            members = []
+            for (t, _k, seed), _rows in group:
+                torch.manual_seed(seed)  # as train_top builds its model
+                members.append(TopModel(init.encoder, 1, spec.reinit_feature, spec.train_batchnorm))
+            model = train_kshot_grouped(members, init.trunk, [init.at(rows) for _, rows in group],
+                                        [exp.labels[rows][:, [t]] for (t, _k, _s), rows in group],
+                                        [seed for (_t, _k, seed), _ in group], spec, spec.kshot_epochs)
+            probabilities = predict_grouped(model, test_trunk)[:, :, 0]
+            for m, (key, _rows) in enumerate(group):
+                out[key] = probabilities[:, m]
+    return out
+
+
 def prepare_experiment(profile, manifest, inits: dict[str, str], cache_dir, spec: FinetuneSpec | None = None,
-                       seed: int = 0, log=print) -> Experiment:
-    """Load the data once and encode every init (``name → "scratch" | run folder | encoder file``)."""
+                       seed: int = 0, log=print, allow_unfinished: bool = False) -> Experiment:
+    """Load the data once and encode every init (``name → "scratch" | run folder | encoder file``). A run that did
+    not finish is refused unless ``allow_unfinished``."""
     spec = spec or FinetuneSpec()
+    for source in inits.values():
+        refuse_unfinished(str(source), allow_unfinished, lambda *_: None)
     encoders = {name: build_init(str(source), profile.model.image, profile.preprocess, seed)  # refuse bad inits first
                 for name, source in inits.items()}
     exp = Experiment(manifest, profile.model.image, profile.preprocess, PreprocessCache(cache_dir, profile.preprocess), spec)
     for s in ("train", "val", "test"):
         exp.datasets[s].warm()
     for name, encoder in encoders.items():
+        started = time.perf_counter()
         exp.add_init(name, encoder)
+        exp.timing.setdefault("encode_s", {})[name] = round(time.perf_counter() - started, 2)
         log(f"[finetune] encoded {name}")
     return exp
 
@@ -507,14 +573,17 @@ def load_predictions(path: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ runs with files
-def _fingerprint(profile, manifest, inits: dict, spec: FinetuneSpec, seed: int, part: str) -> dict:
+def _fingerprint(profile, manifest, inits: dict, spec: FinetuneSpec, seed: int, part: str,
+                 allow_unfinished: bool = False) -> dict:
     sources = {}
     for name, source in inits.items():
         p = Path(str(source))
         encoder = RunFolder(p).encoder if p.is_dir() else p
         sources[name] = {"source": str(source), "mtime": encoder.stat().st_mtime_ns if encoder.exists() else None}
     return {"part": part, "profile": profile.name, "manifest": str(Path(manifest.attrs["path"]).resolve()),
-            "cohort": cohort_fingerprint(manifest), "inits": sources, "spec": asdict(spec), "seed": seed}
+            "cohort": cohort_fingerprint(manifest), "inits": sources, "spec": asdict(spec), "seed": seed,
+            "unfinished_inits": sorted(name for name, source in inits.items()
+                                       if allow_unfinished and refuse_unfinished(str(source), True, lambda *_: None))}
 
 
 def _reusable(folder: Path, fingerprint: dict, files) -> bool:
@@ -528,7 +597,7 @@ def _write_json(path: Path, payload) -> None:
 
 
 def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir, spec: FinetuneSpec | None,
-              seed: int, progress: bool, log) -> tuple[pd.DataFrame, dict, np.ndarray]:
+              seed: int, progress: bool, log, allow_unfinished: bool = False) -> tuple[pd.DataFrame, dict, np.ndarray]:
     """Run (or reuse) one evaluation part — ``finetune`` or ``fewshot`` — and keep its files in ``out_dir``."""
     from xcardia.data.manifest import load_manifest
 
@@ -538,7 +607,9 @@ def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir
     files = {k: out / f"{prefix}{k}" for k in ("records.csv", "predictions.npz", "subsets.json")}
 
     manifest = load_manifest(manifest_path)
-    fingerprint = _fingerprint(profile, manifest, inits, spec, seed, part)
+    for source in inits.values():  # refused before anything is read or written
+        refuse_unfinished(str(source), allow_unfinished, log)
+    fingerprint = _fingerprint(profile, manifest, inits, spec, seed, part, allow_unfinished)
     with RunLock(out, f"{part} evaluation"):
         if _reusable(out, fingerprint, [*files.values(), out / "test_labels.npy"]):
             log(f"[{part}] reusing the results in {out}")
@@ -549,11 +620,15 @@ def _run_part(part: str, profile, manifest_path, inits: dict, out_dir, cache_dir
             changed = describe_cohort_change(json.loads(previous.read_text()).get("cohort"), fingerprint["cohort"])
             if changed:
                 log(f"[{part}] the cohort changed since the results in {out} ({changed}): recomputing them")
-        return _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache_dir, spec, seed, progress, log)
+        return _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache_dir, spec, seed, progress, log,
+                             allow_unfinished)
 
 
-def _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache_dir, spec, seed, progress, log):
-    exp = prepare_experiment(profile, manifest, inits, cache_dir or out.parent / "cache", spec, seed, log)
+def _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache_dir, spec, seed, progress, log,
+                  allow_unfinished=False):
+    started = time.perf_counter()
+    exp = prepare_experiment(profile, manifest, inits, cache_dir or out.parent / "cache", spec, seed, log,
+                             allow_unfinished)
     if part == "finetune":
         records, predictions = run_fraction_sweep(exp, log, progress)
         ids = manifest["patient_id"].to_numpy()
@@ -567,26 +642,32 @@ def _compute_part(part, profile, manifest, inits, out, files, fingerprint, cache
     save_predictions(files["predictions.npz"], predictions)
     np.save(out / "test_labels.npy", exp.test_labels())
     _write_json(files["subsets.json"], subsets)
+    _write_json(out / f"{'' if part == 'finetune' else 'kshot_'}timing.json",
+                {**exp.timing, "total_s": round(time.perf_counter() - started, 2)})
     _write_json(out / "config.json", fingerprint)
     return records, predictions, exp.test_labels()
 
 
 def finetune_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
-                        seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
+                        seed: int = 0, progress: bool = False, log=print,
+                        allow_unfinished: bool = False) -> tuple[pd.DataFrame, dict, np.ndarray]:
     """The label-fraction sweep (``paper`` and ``probe`` for every init, ``scratch_all`` for scratch) with its
     files in ``out_dir``: ``records.csv``, ``predictions.npz``, ``subsets.json`` (patient ids of every fraction ×
     seed), ``test_labels.npy`` and ``config.json``. A folder holding the same configuration's results is reused.
 
     Returns the records, the test predictions and the test labels (n_test, 10)."""
-    return _run_part("finetune", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log)
+    return _run_part("finetune", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log,
+                     allow_unfinished)
 
 
 def fewshot_experiment(profile, manifest_path, inits: dict, out_dir, cache_dir=None, spec: FinetuneSpec | None = None,
-                       seed: int = 0, progress: bool = False, log=print) -> tuple[pd.DataFrame, dict, np.ndarray]:
+                        seed: int = 0, progress: bool = False, log=print,
+                        allow_unfinished: bool = False) -> tuple[pd.DataFrame, dict, np.ndarray]:
     """True k-shot for every init with its files in ``out_dir``: ``kshot_records.csv``, ``kshot_predictions.npz``,
     ``kshot_subsets.json`` (``{task: {k: {seed: [patient ids]}}}``, or the reason a draw was impossible),
     ``test_labels.npy`` and ``config.json``. Reused when the configuration matches."""
-    return _run_part("fewshot", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log)
+    return _run_part("fewshot", profile, manifest_path, inits, out_dir, cache_dir, spec, seed, progress, log,
+                     allow_unfinished)
 
 
 #: Suffix of an init that uses a run's last-epoch encoder instead of the one the paper's rule selected.

@@ -330,6 +330,9 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
     split = manifest["split"].astype(str)
     train_rows = np.flatnonzero(split.isin(TRAINING_SPLITS).to_numpy())
     val_rows = np.flatnonzero((split == "val").to_numpy())
+    if len(val_rows) == 0:
+        raise XcardiaError("the manifest has no val patients: the paper's rule selects the pretraining epoch on "
+                           "validation concept mAP (Pretraining.py:585-591); give some patients split 'val'")
     if len(train_rows) < spec.batch_size * world_size():
         raise XcardiaError(f"{len(train_rows)} pretrain/train patients is fewer than one global batch "
                            f"({spec.batch_size} × {world_size()}); lower --batch-size or add patients")

@@ -127,6 +127,26 @@ def _failed(notebook: Path, output: Path, exc) -> NotebookFailed:
     )
 
 
+def time_breakdown(out_dir: Path, notebooks: dict) -> dict:
+    """Where a reproduction's time went (issue 23.1): each notebook, each pretraining run (its ``run.json``), and
+    the encoding, fine-tuning and k-shot time per init (``finetune/timing.json``, ``fewshot/kshot_timing.json``,
+    written when the part was computed; a reused part keeps the time it took when it ran)."""
+    import json
+
+    out = {"notebooks_s": dict(notebooks), "pretraining_runs_s": {}}
+    for run_json in sorted((out_dir / "runs").glob("*/run.json")):
+        try:
+            out["pretraining_runs_s"][run_json.parent.name] = round(float(json.loads(run_json.read_text())
+                                                                           .get("wall_time_s", float("nan"))), 1)
+        except (ValueError, OSError):
+            continue
+    for part, name in (("finetune", "timing.json"), ("fewshot", "kshot_timing.json")):
+        path = out_dir / part / name
+        if path.exists():
+            out[part] = json.loads(path.read_text())
+    return out
+
+
 def reproduce(profile: str = "cpu", out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
               seed: int = 0, only: list[str] | None = None, notebooks: str | os.PathLike | None = None,
               log=print, cell_timeout_s: int | None = -1) -> Path:
@@ -164,6 +184,7 @@ def reproduce(profile: str = "cpu", out: str | os.PathLike | None = None, data: 
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         log(f"[xcardia]   done in {timings[nb.name]:.0f} s")
     command = f"python -m xcardia reproduce --profile {profile}" + (f" --data {data}" if data else "")
+    update_metrics(out_dir, "timing", time_breakdown(out_dir, timings))
     update_metrics(out_dir, "run", {
         "profile": profile, "seed": seed, "commit": _git_commit(), "command": command,
         "python": sys.version.split()[0], "wall_time_s": round(time.perf_counter() - start, 1),

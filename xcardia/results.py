@@ -159,6 +159,27 @@ def _fewshot_lines(section: dict) -> list[str]:
     return lines + [""]
 
 
+def _timing_lines(section: dict) -> list[str]:
+    lines = ["## Where the time goes", "", "| part | minutes |", "|---|---|"]
+    for name, seconds in section.get("notebooks_s", {}).items():
+        lines.append(f"| notebook {name} | {seconds / 60:.1f} |")
+    runs = section.get("pretraining_runs_s", {})
+    if runs:
+        lines.append(f"| pretraining, {len(runs)} runs (each {min(runs.values()) / 60:.1f}–{max(runs.values()) / 60:.1f}) "
+                     f"| {sum(runs.values()) / 60:.1f} |")
+    for part, label in (("finetune", "fine-tuning sweep"), ("fewshot", "k-shot")):
+        t = section.get(part, {})
+        if t:
+            per = t.get("per_init_s", {})
+            lines.append(f"| {label}: encoding {len(t.get('encode_s', {}))} inits | {sum(t.get('encode_s', {}).values()) / 60:.1f} |")
+            if per:
+                lines.append(f"| {label}: {len(per)} inits (each {min(per.values()):.0f}–{max(per.values()):.0f} s) | "
+                             f"{sum(per.values()) / 60:.1f} |")
+            if "scratch_all_s" in t:
+                lines.append(f"| {label}: scratch, every layer trained | {t['scratch_all_s'] / 60:.1f} |")
+    return lines + [""]
+
+
 def _claims_lines(claims: list) -> list[str]:
     lines = ["## The paper's claims on this cohort", ""]
     if not claims:
@@ -209,7 +230,7 @@ def _interpretability_lines(section: dict) -> list[str]:
 #: How each notebook's section of metrics.json reads in the summary.
 _SECTION_RENDERERS = {"tabular_concept_auroc": _tabular_lines, "pretraining": _pretraining_lines, "interpretability": _interpretability_lines,
                       "finetune": _finetune_lines, "fewshot": _fewshot_lines,
-                      "claims": _claims_lines}
+                      "claims": _claims_lines, "timing": _timing_lines}
 
 
 def write_summary(output_dir: str | os.PathLike) -> Path:

@@ -63,6 +63,25 @@ def plot_maps_2d(maps: dict[str, np.ndarray], colours: dict[str, np.ndarray]):
     return fig
 
 
+def plot_cross_modal_pca(maps: dict[str, dict]):
+    """One panel per run: image (circles) and tabular (crosses) embeddings of the same test patients on their
+    joint first two principal components (:func:`xcardia.interpret.cross_modal_pca`)."""
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps), 3.4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        for modality, marker, colour in (("image", "o", "#1f77b4"), ("tabular", "x", "#d62728")):
+            pts = m["coords"][m["modality"] == modality]
+            ax.scatter(pts[:, 0], pts[:, 1], s=8, marker=marker, c=colour, alpha=0.6, linewidths=0.8, label=modality)
+        ev = m["explained_variance"]
+        ax.set_title(f"{name}\ngap {m['modality_gap']:.2f}, cos matched {m['matched_cosine']:.2f} "
+                     f"vs {m['unmatched_cosine']:.2f}", fontsize=9)
+        ax.set_xlabel(f"PC1 ({ev[0]:.0%})", fontsize=9)
+        ax.set_ylabel(f"PC2 ({ev[1]:.0%})", fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0][-1].legend(fontsize=8, loc="best", markerscale=1.5)
+    fig.tight_layout()
+    return fig
+
+
 def plot_nw_explanations(query_volumes, query_titles, support_volumes, support_titles):
     """One row per query: its CT, then its top supports titled with their weights and concepts."""
     n_q, n_s = len(query_volumes), len(support_volumes[0])
