@@ -154,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--k", help="comma-separated k values (default: the profile's)")
             e.add_argument("--seeds", type=_positive_int, help="draws per k and task (default: the profile's)")
 
+    x = sub.add_parser("export", help="train an init with the paper protocol on every training label and write it as "
+                                      "a shareable screening bundle (MONAI bundle layout, safetensors)")
+    x.add_argument("--init", required=True, help="a pretraining run folder, an encoder file or scratch:K")
+    x.add_argument("--data", required=True, help="manifest.csv or cohort folder (train, val, test with labels)")
+    x.add_argument("--profile", choices=_profile_names(), default="cpu")
+    x.add_argument("--out", required=True, help="bundle folder (new, empty, or a bundle to replace)")
+    x.add_argument("--name", help="the bundle's name (default: the --init folder's name)")
+    x.add_argument("--seed", type=_seed, default=123, help="fine-tuning seed (default 123, the public sweep's first)")
+    x.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
+
+    sc = sub.add_parser("screen", help="apply a screening bundle to a folder of chest CTs or a label-free manifest")
+    sc.add_argument("--model", required=True, help="a bundle folder written by `export`")
+    sc.add_argument("--data", required=True, help="a manifest (patient_id, ct_path[, heart_mask_path]) or a folder "
+                                                  "of NIfTI files / DICOM series folders, one patient each")
+    sc.add_argument("--out", required=True, help="output folder (new, empty, or an earlier screening output to resume)")
+    sc.add_argument("--workers", type=_workers, default=0, help="loader processes (capped at the CPU count)")
+    sc.add_argument("--force", action="store_true", help="screen again patients already written")
+    sc.add_argument("--no-report", action="store_true", help="skip the per-patient PNG reports")
+
     b = sub.add_parser("bench", help="benchmarks: ratios against baselines measured in the same run")
     b.add_argument("--quick", action="store_true", help="smaller sizes (under 3 minutes on 2 cores)")
     b.add_argument("--scale", choices=["full", "quick", "tiny"], help=argparse.SUPPRESS)
@@ -353,8 +372,29 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from xcardia.bundle import export_bundle
+    from xcardia.config import get_profile
+
+    _refuse_output_in_inputs(args.out, args.data)
+    name = args.name or Path(args.init.rstrip("/")).name.replace(":", "_")
+    export_bundle(args.out, get_profile(args.profile), args.data, args.init, name, args.cache, args.seed)
+    return 0
+
+
+def _cmd_screen(args) -> int:
+    from xcardia.screening import screen
+
+    screen(args.model, args.data, args.out, workers=args.workers, force=args.force, reports=not args.no_report)
+    return 0
+
+
 COMMANDS = {
     "generate": _cmd_generate,
+    "export": _cmd_export,
+    "screen": _cmd_screen,
     "validate": _cmd_validate,
     "pretrain": _cmd_pretrain,
     "finetune": _cmd_evaluate,

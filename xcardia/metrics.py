@@ -342,3 +342,54 @@ def masked_bce(targets: np.ndarray, predictions: np.ndarray, eps: float = 1e-6) 
     observed = ~np.isnan(y) & ~np.isnan(p)
     clipped = np.clip(p[observed], eps, 1 - eps)
     return float(-np.mean(y[observed] * np.log(clipped) + (1 - y[observed]) * np.log(1 - clipped)))
+
+
+# ------------------------------------------------------------------------------------------ screening (issue 20)
+def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927); NaNs when n = 0."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return math.nan, math.nan
+    z = float(norm.ppf(1 - alpha / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def diagnostic_at_threshold(y_true, score, threshold: float) -> dict:
+    """Sensitivity, specificity, PPV and NPV of ``score ≥ threshold`` on labelled patients, each with a Wilson
+    95 % interval and its counts."""
+    y, s = _labelled(y_true, score)
+    flag = s >= threshold
+    tp, fp = int((flag & (y == 1)).sum()), int((flag & (y == 0)).sum())
+    fn, tn = int((~flag & (y == 1)).sum()), int((~flag & (y == 0)).sum())
+    out = {"threshold": float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    for name, k, n in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp), ("ppv", tp, tp + fp),
+                       ("npv", tn, tn + fn)):
+        out[name] = k / n if n else math.nan
+        out[f"{name}_low"], out[f"{name}_high"] = wilson_interval(k, n)
+    return out
+
+
+def ppv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
+    """Positive predictive value at another prevalence (Bayes): sens·π / (sens·π + (1 − spec)·(1 − π))."""
+    denominator = sensitivity * prevalence + (1 - specificity) * (1 - prevalence)
+    return sensitivity * prevalence / denominator if denominator > 0 else math.nan
+
+
+def net_benefit(y_true, probability, thresholds) -> dict:
+    """Decision-curve analysis (Vickers & Elkin, Med Decis Making 2006): net benefit of flagging patients with
+    probability ≥ t, TP/n − FP/n · t/(1 − t), for the model and for flagging everyone, at each threshold t."""
+    y, p = _labelled(y_true, probability)
+    n = y.size
+    thresholds = np.asarray(thresholds, dtype=float)
+    model, everyone = [], []
+    prevalence = y.mean() if n else math.nan
+    for t in thresholds:
+        odds = t / (1 - t)
+        flag = p >= t
+        model.append(((flag & (y == 1)).sum() - (flag & (y == 0)).sum() * odds) / n if n else math.nan)
+        everyone.append(prevalence - (1 - prevalence) * odds)
+    return {"threshold": thresholds, "model": np.asarray(model, dtype=float), "treat_all": np.asarray(everyone)}

@@ -159,6 +159,27 @@ def _fewshot_lines(section: dict) -> list[str]:
     return lines + [""]
 
 
+def _screening_lines(section: dict) -> list[str]:
+    lines = ["## Screening (notebook 06)", "",
+             f"Exported `{section.get('exported')}` (best validation macro AUROC among the candidates); the test split "
+             f"screened as new CTs: {section.get('n_scored')} scored, {section.get('n_failed_qc')} failed QC.", ""]
+    if section.get("bundle", {}).get("synthetic"):
+        lines += ["**Synthetic cohort: not for clinical use.**", ""]
+    lines += ["| task | operating point (chosen on val) | sensitivity [95% CI] | specificity [95% CI] | PPV | NPV |",
+              "|---|---|---|---|---|---|"]
+    for r in section.get("operating_points", []):
+        lines.append(f"| {r['task']} | {r['operating_point']} | {_fmt(r.get('sensitivity'))} "
+                     f"[{_fmt(r.get('sensitivity_low'))}, {_fmt(r.get('sensitivity_high'))}] | "
+                     f"{_fmt(r.get('specificity'))} [{_fmt(r.get('specificity_low'))}, {_fmt(r.get('specificity_high'))}] "
+                     f"| {_fmt(r.get('ppv'))} | {_fmt(r.get('npv'))} |")
+    cal = section.get("calibration", [])
+    if cal:
+        lines += ["", "| task | calibration | ECE raw → calibrated (test) |", "|---|---|---|"]
+        for r in cal:
+            lines.append(f"| {r['task']} | {r['method']} | {_fmt(r.get('ece_raw'))} → {_fmt(r.get('ece_calibrated'))} |")
+    return lines + [""]
+
+
 def _timing_lines(section: dict) -> list[str]:
     lines = ["## Where the time goes", "", "| part | minutes |", "|---|---|"]
     for name, seconds in section.get("notebooks_s", {}).items():
@@ -230,7 +251,7 @@ def _interpretability_lines(section: dict) -> list[str]:
 #: How each notebook's section of metrics.json reads in the summary.
 _SECTION_RENDERERS = {"tabular_concept_auroc": _tabular_lines, "pretraining": _pretraining_lines, "interpretability": _interpretability_lines,
                       "finetune": _finetune_lines, "fewshot": _fewshot_lines,
-                      "claims": _claims_lines, "timing": _timing_lines}
+                      "claims": _claims_lines, "screening": _screening_lines, "timing": _timing_lines}
 
 
 def write_summary(output_dir: str | os.PathLike) -> Path:

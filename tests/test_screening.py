@@ -1,0 +1,164 @@
+"""Screening (issue 20): the bundle (MONAI layout, safetensors, format version, no pickle), calibration and
+operating points, and ``xcardia screen`` on the synthetic test split, a folder of NIfTI files and a DICOM series."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ct_fixtures import write_dicom_series, write_phantom_nifti
+from test_qc import SPACING, _abdomen, _contrast
+from xcardia.bundle import apply_calibration, fit_calibration, load_bundle, operating_points
+from xcardia.cli import main
+from xcardia.config import get_profile
+from xcardia.errors import XcardiaError
+from xcardia.metrics import expected_calibration_error
+from xcardia.schema import LABELS
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _miscalibrated(rng, n):
+    """Scores that overstate the risk (what pos_weight does to a fine-tuned head): true p = σ(z), score σ(2z + 1.5)."""
+    z = rng.normal(size=n) - 1.0
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    return 1 / (1 + np.exp(-(2 * z + 1.5))), y
+
+
+def test_calibration_fitted_on_val_lowers_ece_on_held_out_patients():
+    rng = np.random.default_rng(0)
+    p_val, y_val = _miscalibrated(rng, 600)
+    p_test, y_test = _miscalibrated(rng, 2000)
+    cal = fit_calibration(p_val, y_val)
+    assert cal["method"] in ("isotonic", "platt") and set(cal["cv_log_loss"]) == {"isotonic", "platt"}
+    before = expected_calibration_error(y_test, p_test)
+    after = expected_calibration_error(y_test, apply_calibration(p_test, cal))
+    assert after < before / 2, (before, after)
+
+
+def test_a_task_without_enough_validation_positives_stays_uncalibrated_and_says_why():
+    cal = fit_calibration(np.array([0.1, 0.2, 0.9]), np.array([0, 0, 1.0]))
+    assert cal["method"] == "none" and "1 positive" in cal["reason"]
+    np.testing.assert_array_equal(apply_calibration(np.array([0.3]), cal), [0.3])
+
+
+def test_operating_points_meet_their_targets_on_the_patients_they_were_chosen_on():
+    rng = np.random.default_rng(1)
+    p, y = _miscalibrated(rng, 500)
+    points = operating_points(p, y)
+    assert points["sensitivity_90"]["sensitivity"] >= 0.90 and points["specificity_90"]["specificity"] >= 0.90
+    # the tightest such thresholds: one step further misses the target
+    t = points["sensitivity_90"]["threshold"]
+    higher = np.unique(p)[np.unique(p) > t]
+    assert ((p[y == 1] >= higher[0]).mean() < 0.90) if len(higher) else True
+
+
+# ------------------------------------------------------------------------------------------ bundle and screen
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "model"
+    assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(out),
+                 "--name", "scratch_s0"]) == 0
+    return out
+
+
+def test_the_bundle_has_the_monai_layout_and_reads_through_monai_bundle_offline(bundle_dir):
+    from monai.bundle import ConfigParser
+
+    for f in ("configs/metadata.json", "configs/inference.json", "models/model.safetensors", "docs/README.md"):
+        assert (bundle_dir / f).is_file(), f
+    parser = ConfigParser()
+    parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    assert parser.get("_meta_#format") == "xcardia-screening-bundle"
+    network = parser.get_parsed_content("network_def")  # instantiated by MONAI from the config's _target_
+    assert sum(p.numel() for p in network.parameters()) == sum(p.numel() for p in load_bundle(bundle_dir)["network"].parameters())
+    card = (bundle_dir / "docs" / "README.md").read_text()
+    assert "**NOT FOR CLINICAL USE" in card and "AUROC" in card
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d: _edit_meta(d, format_version=99), "version 99"),
+    (lambda d: torch.save({"x": torch.zeros(1)}, d / "models" / "extra.pt"), "pickled code"),
+    (lambda d: (d / "configs" / "metadata.json").unlink(), "no configs/metadata.json"),
+])
+def test_a_changed_or_pickled_bundle_is_refused_in_one_line(bundle_dir, tmp_path, tamper, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    tamper(copy)
+    with pytest.raises(XcardiaError, match=message):
+        load_bundle(copy)
+
+
+def _edit_meta(folder, **changes):
+    path = folder / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def test_screening_the_test_split_reproduces_the_paper_protocols_test_predictions_and_resumes(
+        tiny_cohort, bundle_dir, tmp_path):
+    from xcardia.data.manifest import load_manifest
+    from xcardia.finetune import finetune_experiment
+    from xcardia.screening import label_free_manifest
+
+    manifest = load_manifest(tiny_cohort)
+    labels_free = label_free_manifest(manifest, "test", tmp_path / "test.csv")
+    assert set(pd.read_csv(labels_free).columns) <= {"patient_id", "ct_path", "heart_mask_path"}
+    out = tmp_path / "screened"
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(labels_free), "--out", str(out)]) == 0
+    predictions = pd.read_csv(out / "predictions.csv").astype({"patient_id": str})
+    assert len(predictions) == (manifest["split"] == "test").sum()
+    passed = predictions[predictions["qc"] == "passed"]
+    assert len(passed) and all((out / "report" / f"{p}.png").is_file() for p in passed["patient_id"])
+    # notebook 04's predictions of the same init, paper protocol, every training label (fraction 1.0, seed 123)
+    _, reference, _ = finetune_experiment(get_profile("smoke"), tiny_cohort, {"scratch_s0": "scratch:0"},
+                                          tmp_path / "ft", log=lambda *_: None)
+    expected = pd.DataFrame(reference[("paper", "scratch_s0", 1.0, 123)], columns=[f"raw_{t}" for t in LABELS])
+    expected["patient_id"] = manifest.loc[manifest["split"] == "test", "patient_id"].astype(str).to_numpy()
+    joined = passed.merge(expected, on="patient_id", suffixes=("", "_04"))
+    for t in LABELS:
+        np.testing.assert_allclose(joined[f"raw_{t}"], joined[f"raw_{t}_04"], rtol=1e-5, atol=1e-6)
+    before = {p: p.stat().st_mtime_ns for p in (out / "patients").iterdir()}
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(labels_free), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "patients").iterdir()} == before  # resumed: nothing redone
+    assert json.loads((out / "screen.json").read_text())["counts"]["resumed"] == len(before)
+
+
+def test_a_folder_of_nifti_files_and_a_dicom_series_is_screened_without_a_manifest_and_bad_series_are_listed(
+        bundle_dir, tmp_path):
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    write_phantom_nifti(folder / "chest.nii.gz", (4.0, 4.0, 4.0), (70, 60, 90))
+    for name, volume in (("abdomen", _abdomen()), ("contrast", _contrast())):
+        nib.save(nib.Nifti1Image(np.rint(volume).astype(np.int16), np.diag([*SPACING, 1.0])), str(folder / f"{name}.nii.gz"))
+    write_dicom_series(folder / "series_7", 24, slice_mm=8.0, chest=True)
+    snapshot = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "predictions.csv").set_index("patient_id")
+    assert set(rows.index) == {"chest", "abdomen", "contrast", "series_7"}
+    assert rows.loc["abdomen", "qc"] == "failed" and "body_region" in rows.loc["abdomen", "qc_reason"]
+    assert rows.loc["contrast", "qc"] == "failed" and "contrast" in rows.loc["contrast", "qc_reason"]
+    assert np.isnan(rows.loc["abdomen", f"risk_{LABELS[0]}"])  # never scored
+    assert rows.loc["chest", "qc"] == "passed" and 0 <= rows.loc["chest", f"risk_{LABELS[0]}"] <= 1
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == snapshot  # inputs untouched
+
+
+def test_screen_refuses_to_write_inside_an_input_folder_or_over_foreign_files(bundle_dir, tmp_path, capsys):
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    write_phantom_nifti(folder / "chest.nii.gz", (4.0, 4.0, 4.0), (70, 60, 90))
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(folder / "out")]) == 2
+    assert "inside an input folder" in capsys.readouterr().err and not (folder / "out").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(foreign)]) == 2
+    assert "not a screening output" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "mine"

@@ -1,0 +1,385 @@
+"""A screening model as a folder any group can share (issue 20): MONAI's bundle layout, ``safetensors`` weights.
+
+    <bundle>/configs/metadata.json     format, versions, tasks, inputs/outputs, training data, intended use
+    <bundle>/configs/inference.json    preprocessing, calibration, operating points, NW bank settings; the network
+                                       as a MONAI bundle ``_target_`` (``monai.bundle.ConfigParser`` reads it offline)
+    <bundle>/models/model.safetensors  image encoder + the paper protocol's top (last stage, feature layer, ten heads)
+    <bundle>/models/support_bank.safetensors  image projection + the NW exemplars' image embeddings and concepts
+    <bundle>/docs/README.md            the model card (in bold when trained on the synthetic cohort: not for
+                                       clinical use)
+
+No pickle travels: weights are ``safetensors``, everything else JSON; :func:`load_bundle` refuses a bundle with a
+pickle-capable file in it, or with another format version, in one line.
+
+:func:`export_bundle` trains the init with the ``paper`` protocol on all training labels (early stopping on
+``val``), fits per-task probability calibration on ``val`` (isotonic or Platt, chosen by 5-fold cross-validated
+log-loss on ``val``), chooses per-task operating points on ``val`` (the threshold reaching sensitivity 0.90 and the
+one reaching specificity 0.90), and takes the NW support bank of the pretraining run's selected epoch, embedded by
+the CT alone (screening has no tables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from xcardia.atomic import write_atomic, write_text_atomic
+from xcardia.errors import XcardiaError
+from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec, ProjectionHead
+from xcardia.schema import CONCEPT_NAMES, LABELS
+
+BUNDLE_FORMAT = "xcardia-screening-bundle"
+BUNDLE_FORMAT_VERSION = 1
+#: Files that can carry pickled code: never part of a bundle.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".joblib")
+SENSITIVITY_TARGET = SPECIFICITY_TARGET = 0.90
+
+
+class ScreeningNetwork(nn.Module):
+    """CT (B, 1, X, Y, Z) → ten task logits (B, 10); :meth:`features` gives the 128-d feature the NW bank reads.
+
+    Built from plain arguments so that a MONAI bundle config can instantiate it (``_target_``)."""
+
+    def __init__(self, encoder_spec: dict, n_tasks: int = len(LABELS), feature_dim: int = 128):
+        super().__init__()
+        from xcardia.finetune import TopModel
+
+        self.encoder = ImageEncoder(ImageEncoderSpec.from_dict(encoder_spec))
+        self.top = TopModel(self.encoder, n_tasks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(self.encoder.trunk(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained encoder's own 128-d feature (what its projection and the NW bank were trained on)."""
+        return self.encoder(x)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def fit_calibration(p: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
+    """Per-task calibration of raw probabilities on labelled validation patients.
+
+    Isotonic regression and Platt scaling (logistic regression on the logit), both scikit-learn; the one with the
+    lower 5-fold cross-validated log-loss on these patients is kept and refitted on all of them. A task with fewer
+    than 2 positives or negatives in validation is left uncalibrated (``method: "none"``, with the reason).
+
+    Returns:
+        ``{"method", "cv_log_loss": {method: value}, "isotonic": {"x", "y"} | None, "platt": {"a", "b"} | None}``.
+    """
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    keep = ~np.isnan(y) & ~np.isnan(p)
+    p, y = p[keep], y[keep].astype(int)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if min(n_pos, n_neg) < 2:
+        return {"method": "none", "reason": f"{n_pos} positive(s) and {n_neg} negative(s) in val", "cv_log_loss": {}}
+
+    def fit(method, pp, yy):
+        if method == "isotonic":
+            return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(pp, yy)
+        return LogisticRegression(C=1e6, max_iter=1000).fit(_logit(pp)[:, None], yy)
+
+    def apply(method, model, pp):
+        return model.predict(pp) if method == "isotonic" else model.predict_proba(_logit(pp)[:, None])[:, 1]
+
+    folds = StratifiedKFold(n_splits=min(5, n_pos, n_neg), shuffle=True, random_state=seed)
+    losses = {}
+    for method in ("isotonic", "platt"):
+        out = np.empty(len(y))
+        for train, test in folds.split(p, y):
+            out[test] = apply(method, fit(method, p[train], y[train]), p[test])
+        losses[method] = float(log_loss(y, np.clip(out, 1e-6, 1 - 1e-6), labels=[0, 1]))
+    method = min(losses, key=losses.get)
+    model = fit(method, p, y)
+    result = {"method": method, "cv_log_loss": losses, "isotonic": None, "platt": None}
+    if method == "isotonic":
+        result["isotonic"] = {"x": model.X_thresholds_.tolist(), "y": model.y_thresholds_.tolist()}
+    else:
+        result["platt"] = {"a": float(model.coef_[0, 0]), "b": float(model.intercept_[0])}
+    return result
+
+
+def apply_calibration(p: np.ndarray, calibration: dict) -> np.ndarray:
+    """Calibrated probabilities from raw ones with a task's :func:`fit_calibration` result."""
+    p = np.asarray(p, dtype=float)
+    if calibration["method"] == "isotonic":
+        return np.interp(p, calibration["isotonic"]["x"], calibration["isotonic"]["y"])
+    if calibration["method"] == "platt":
+        z = calibration["platt"]["a"] * _logit(p) + calibration["platt"]["b"]
+        return 1.0 / (1.0 + np.exp(-z))
+    return p
+
+
+def operating_points(p: np.ndarray, y: np.ndarray) -> dict:
+    """Thresholds on ``p`` chosen on labelled patients: ``sensitivity_90`` — the highest threshold whose sensitivity
+    (p ≥ t) is at least 0.90 — and ``specificity_90`` — the lowest whose specificity is at least 0.90; each with the
+    sensitivity and specificity it reaches there. NaN where a class is absent."""
+    keep = ~np.isnan(y) & ~np.isnan(p)
+    p, y = p[keep], y[keep]
+    out = {}
+    pos, neg = p[y == 1], p[y == 0]
+    if not len(pos) or not len(neg):
+        nan = {"threshold": math.nan, "sensitivity": math.nan, "specificity": math.nan}
+        return {"sensitivity_90": nan, "specificity_90": dict(nan)}
+    candidates = np.unique(p)
+
+    def at(t):
+        return {"threshold": float(t), "sensitivity": float((pos >= t).mean()), "specificity": float((neg < t).mean())}
+
+    sens_ok = [t for t in candidates if (pos >= t).mean() >= SENSITIVITY_TARGET]
+    spec_ok = [t for t in candidates if (neg < t).mean() >= SPECIFICITY_TARGET]
+    out["sensitivity_90"] = at(max(sens_ok)) if sens_ok else at(candidates.min())
+    out["specificity_90"] = at(min(spec_ok)) if spec_ok else at(np.nextafter(candidates.max(), 2.0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ export
+def _synthetic(manifest) -> bool:
+    folder = Path(manifest.attrs.get("path", ".")).parent
+    return (folder / "cohort.json").exists()
+
+
+def _image_bank(run_dir: str, manifest, cache_dir) -> tuple[dict, dict] | None:
+    """The selected epoch's NW exemplars embedded by their CT alone, with the run's image projection and τ."""
+    from xcardia.embeddings import bank_exemplars, embed_run, load_run_model
+
+    if not Path(run_dir).is_dir():
+        return None
+    exemplars = bank_exemplars(run_dir)
+    if exemplars.empty:
+        return None
+    model, _, _ = load_run_model(run_dir)
+    train = embed_run(run_dir, manifest, ("pretrain", "train"), cache_dir)
+    position = {int(r): i for i, r in enumerate(train["rows"])}
+    picks = [position[int(r)] for r in exemplars["row"] if int(r) in position]
+    image = torch.nn.functional.normalize(torch.as_tensor(train["image"][picks]), dim=1)
+    tensors = {"supports": image.contiguous(), "concepts": torch.as_tensor(train["concepts"][picks]).float().contiguous(),
+               **{f"projection.{k}": v.contiguous() for k, v in model.image_projection.state_dict().items()}}
+    ids = manifest["patient_id"].astype(str).to_numpy()[train["rows"][picks]].tolist()
+    return tensors, {"temperature": float(model.nw_temperature().item()), "support_ids": ids,
+                     "proj_dim": int(image.shape[1]), "query": "image"}
+
+
+def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.PathLike, init: str, name: str,
+                  cache_dir=None, seed: int = 123, log=print) -> Path:
+    """Train ``init`` with the ``paper`` protocol on every training label and write it as a screening bundle.
+
+    Args:
+        out_dir: the bundle folder (new, empty, or a bundle of this format, which is replaced).
+        profile: the profile whose preprocessing and protocol are used.
+        manifest_path: the cohort (train, val and test splits with labels).
+        init: a pretraining run folder, an encoder file or ``scratch:K``.
+        name: the bundle's name (e.g. the init's name).
+        seed: the fine-tuning seed (the public sweep's first, 123).
+
+    Returns:
+        The bundle folder.
+    """
+    from safetensors.torch import save_file
+
+    from xcardia import __version__
+    from xcardia.data.manifest import load_manifest
+    from xcardia.finetune import _predict_top, labelled_rows, prepare_experiment, train_top
+    from xcardia.metrics import bootstrap_auroc_ci, expected_calibration_error
+
+    out = Path(out_dir)
+    _refuse_foreign_folder(out)
+    manifest = load_manifest(manifest_path)
+    spec = profile.finetune
+    exp = prepare_experiment(profile, manifest, {name: init}, cache_dir or out.parent / "cache", spec, 0, log)
+    encoded = exp.inits[name]
+    train, val, test = labelled_rows(exp.labels, exp.rows["train"]), exp.rows["val"], exp.rows["test"]
+    top = train_top(encoded, exp.labels, train, val, spec, seed)
+    raw = {s: _predict_top(top, encoded.trunk[torch.as_tensor(encoded.at(r))]) for s, r in (("val", val), ("test", test))}
+    calibration, points, card_rows = {}, {}, []
+    for t, task in enumerate(LABELS):
+        calibration[task] = fit_calibration(raw["val"][:, t], exp.labels[val, t], seed)
+        cal_val = apply_calibration(raw["val"][:, t], calibration[task])
+        points[task] = operating_points(cal_val, exp.labels[val, t])
+        cal_test = apply_calibration(raw["test"][:, t], calibration[task])
+        ci = bootstrap_auroc_ci(exp.labels[test, t], raw["test"][:, t], n_boot=spec.n_boot, seed=seed)
+        card_rows.append({"task": task, **ci, "ece_raw": expected_calibration_error(exp.labels[test, t], raw["test"][:, t]),
+                          "ece_calibrated": expected_calibration_error(exp.labels[test, t], cal_test),
+                          "calibration": calibration[task]["method"]})
+    network = ScreeningNetwork(encoded.encoder.spec.to_dict())
+    network.encoder.load_state_dict(encoded.encoder.state_dict())
+    network.top.load_state_dict(top.state_dict())
+    bank = _image_bank(init, manifest, cache_dir or out.parent / "cache")
+    synthetic = _synthetic(manifest)
+    preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(profile.preprocess).items()}
+    metadata = {
+        "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "version": "1.0.0", "name": name,
+        "xcardia_version": __version__, "monai_version": _version("monai"), "pytorch_version": torch.__version__,
+        "numpy_version": np.__version__, "required_packages_version": {"safetensors": _version("safetensors")},
+        "task": "opportunistic cardiac screening on non-contrast chest CT: ten echocardiographic abnormalities",
+        "description": f"{name}: image encoder fine-tuned with the public X-Cardia fine-tuning protocol on every "
+                       f"training label, calibrated and thresholded on the validation split",
+        "authors": "xcardia companion", "copyright": "see the repository licence",
+        "trained_on": {"synthetic": synthetic, "cohort": str(Path(manifest.attrs["path"]).parent.name),
+                       "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
+                       "profile": profile.name, "init": str(init), "fine_tuning_seed": seed},
+        "intended_use": "research and teaching; " + ("NOT FOR CLINICAL USE: trained on a synthetic cohort" if synthetic
+                                                     else "not validated for clinical use"),
+        "tasks": list(LABELS), "concepts": list(CONCEPT_NAMES),
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+                                 "spatial_shape": list(profile.preprocess.shape), "dtype": "float32",
+                                 "value_range": [-1, 1], "is_patch_data": False,
+                                 "channel_def": {"0": "non-contrast chest CT, HU windowed to [-1, 1]"}}},
+            "outputs": {"pred": {"type": "probabilities", "format": "multi-label", "num_channels": len(LABELS),
+                                 "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": False, "channel_def": {str(i): t for i, t in enumerate(LABELS)}}}},
+        "test_metrics": card_rows,
+    }
+    inference = {
+        "imports": ["$import xcardia.bundle"],
+        "bundle_root": ".",
+        "preprocessing": preprocess,
+        "network_def": {"_target_": "xcardia.bundle.ScreeningNetwork", "encoder_spec": encoded.encoder.spec.to_dict(),
+                        "n_tasks": len(LABELS)},
+        "calibration": calibration,
+        "operating_points": points,
+        "nw_bank": bank[1] if bank else None,
+        "qc": {"fail_on": ["error", "contrast"]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("configs", "models", "docs"):
+        (out / sub).mkdir(exist_ok=True)
+    state = {k: v.contiguous() for k, v in network.state_dict().items()}
+    write_atomic(out / "models" / "model.safetensors", lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
+    if bank:
+        write_atomic(out / "models" / "support_bank.safetensors", lambda tmp: save_file(bank[0], str(tmp)),
+                     suffix=".safetensors")
+    write_text_atomic(out / "configs" / "inference.json", json.dumps(_jsonable(inference), indent=1) + "\n")
+    write_text_atomic(out / "docs" / "README.md", model_card(metadata, inference))
+    write_text_atomic(out / "configs" / "metadata.json", json.dumps(_jsonable(metadata), indent=1) + "\n")  # marker last
+    log(f"[export] screening bundle {name}: {out}")
+    return out
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _jsonable(x):
+    from xcardia.atomic import to_jsonable
+
+    return to_jsonable(x)
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise XcardiaError(f"--out {out} is a file; give a folder for the bundle (nothing was written)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "configs" / "metadata.json").exists():
+        raise XcardiaError(f"--out {out} is a non-empty folder that is not a screening bundle; give a new or empty "
+                           f"folder (nothing was written)")
+
+
+def model_card(metadata: dict, inference: dict) -> str:
+    """The bundle's ``docs/README.md``."""
+    synthetic = metadata["trained_on"]["synthetic"]
+    lines = [f"# Screening model `{metadata['name']}`", ""]
+    if synthetic:
+        lines += ["**NOT FOR CLINICAL USE. This model was trained on the synthetic digital-twin cohort of the xcardia "
+                  "companion: its patients, CTs and labels are simulated. Its numbers say nothing about real "
+                  "patients.**", ""]
+    else:
+        lines += ["**Not validated for clinical use.** Trained on a local cohort; it needs external validation, a "
+                  "check of prevalence shift and a reader study before any use on patients.", ""]
+    t = metadata["trained_on"]
+    lines += ["## What it is", "",
+              f"{metadata['description']}. Init: `{t['init']}` (profile `{t['profile']}`); {t['n_train']} training, "
+              f"{t['n_val']} validation and {t['n_test']} test patients; fine-tuning seed {t['fine_tuning_seed']}.", "",
+              "Input: one non-contrast chest CT (NIfTI or a DICOM series), resampled and cropped as "
+              f"`configs/inference.json` → `preprocessing` says ({inference['preprocessing']['shape']} voxels at "
+              f"{inference['preprocessing']['spacing_mm']} mm, HU window {inference['preprocessing']['hu_window']}). "
+              "A CT that fails series QC (no lungs, contrast-enhanced, unreadable) is listed with its reason and never "
+              "scored.", "",
+              "Output per patient: ten calibrated risks (calibration fitted on the validation split), a flag at two "
+              "operating points chosen on validation (sensitivity 0.90; specificity 0.90), and four NW concept "
+              "estimates from the pretraining run's exemplar bank, embedded by the CT alone.", "",
+              "## Test performance (held-out test split)", "",
+              "| task | AUROC [95% CI] | positives / negatives | ECE raw → calibrated | calibration |",
+              "|---|---|---|---|---|"]
+    for row in metadata["test_metrics"]:
+        auc = "–" if row["auroc"] is None or (isinstance(row["auroc"], float) and math.isnan(row["auroc"])) else \
+            f"{row['auroc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        ece = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {row['task']} | {auc} | {row['n_pos']} / {row['n_neg']} | {ece(row['ece_raw'])} → "
+                     f"{ece(row['ece_calibrated'])} | {row['calibration']} |")
+    lines += ["", "## Intended use and limits", "", metadata["intended_use"] + ".",
+              "Operating points were chosen on the validation split at its prevalence; at another prevalence the "
+              "positive predictive value changes (notebook 06 shows by how much). Non-contrast, non-gated chest CT "
+              "only; the heart-centred crop follows a heart mask when one is given, a heuristic otherwise.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_bundle(model_dir: str | os.PathLike) -> dict:
+    """The bundle in ``model_dir``: ``{"metadata", "inference", "network", "bank", "preprocess"}``.
+
+    Raises:
+        XcardiaError: not a bundle, another format version, a pickle-capable file inside, unreadable weights.
+    """
+    from safetensors.torch import load_file
+
+    from xcardia.data.imaging import PreprocessSpec
+
+    root = Path(model_dir)
+    meta_path = root / "configs" / "metadata.json"
+    if not meta_path.is_file():
+        raise XcardiaError(f"--model {root}: no configs/metadata.json; pass a folder written by `xcardia export`")
+    try:
+        metadata = json.loads(meta_path.read_text())
+        inference = json.loads((root / "configs" / "inference.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise XcardiaError(f"--model {root}: unreadable bundle configuration ({exc}); re-export the bundle") from None
+    if metadata.get("format") != BUNDLE_FORMAT or metadata.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise XcardiaError(f"--model {root}: format {metadata.get('format')!r} version "
+                           f"{metadata.get('format_version')!r}; this xcardia reads {BUNDLE_FORMAT!r} version "
+                           f"{BUNDLE_FORMAT_VERSION} — re-export the bundle with this version")
+    pickled = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise XcardiaError(f"--model {root}: holds {', '.join(pickled)}, a format that can carry pickled code; a "
+                           f"bundle carries safetensors and JSON only — remove it or re-export")
+    try:
+        network = ScreeningNetwork(inference["network_def"]["encoder_spec"], int(inference["network_def"]["n_tasks"]))
+        network.load_state_dict(load_file(str(root / "models" / "model.safetensors")), strict=True)
+        bank = None
+        if inference.get("nw_bank"):
+            tensors = load_file(str(root / "models" / "support_bank.safetensors"))
+            projection = ProjectionHead(network.encoder.spec.feature_dim, int(inference["nw_bank"]["proj_dim"]))
+            projection.load_state_dict({k[len("projection."):]: v for k, v in tensors.items()
+                                        if k.startswith("projection.")}, strict=True)
+            bank = {"supports": tensors["supports"], "concepts": tensors["concepts"], "projection": projection.eval(),
+                    **inference["nw_bank"]}
+    except XcardiaError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise XcardiaError(f"--model {root}: cannot load the weights ({type(exc).__name__}: {exc}); re-export "
+                           f"the bundle") from None
+    pre = dict(inference["preprocessing"])
+    for key in ("shape", "hu_window"):
+        pre[key] = tuple(pre[key])
+    return {"metadata": metadata, "inference": inference, "network": network.eval(), "bank": bank,
+            "preprocess": PreprocessSpec(**pre), "root": root}
