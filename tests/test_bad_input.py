@@ -380,3 +380,74 @@ def test_an_unfinished_pretraining_run_is_refused_unless_asked_for(tmp_path, cap
     assert "warning" in capsys.readouterr().out
     (run / "run.json").write_text(_json.dumps({"status": "complete"}))
     assert refuse_unfinished(str(run)) is False
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda e, other: np.save(e, np.zeros_like(np.load(e))), "checksum mismatch"),
+    (lambda e, other: shutil.copyfile(other, e), "checksum mismatch"),      # another patient's tensor
+    (lambda e, other: e.write_bytes(e.read_bytes()[:100]), "unreadable"),   # truncated
+    (lambda e, other: np.save(e, np.full_like(np.load(e), np.nan)), "non-finite"),
+    (lambda e, other: np.save(e, np.zeros((8, 8, 8), np.float32)), "shape"),
+    (lambda e, other: e.with_suffix(".json").unlink(), "no valid checksum record"),
+])
+def test_a_tampered_cache_entry_is_rebuilt_with_a_log_line_never_used(tiny_cohort, tmp_path, capsys, mutate, problem):
+    from xcardia.data.imaging import PreprocessCache, PreprocessSpec, preprocess_ct
+
+    spec = PreprocessSpec(shape=(24, 24, 24), spacing_mm=8.0)
+    cache = PreprocessCache(tmp_path / "cache", spec)
+    a, b = sorted((tiny_cohort / "ct").glob("*.nii.gz"))[:2]
+    truth = cache.load(a)
+    cache.load(b)
+    mutate(cache.entry(a), cache.entry(b))
+    again = cache.load(a)
+    np.testing.assert_array_equal(again, truth)
+    np.testing.assert_array_equal(again, preprocess_ct(a, spec))
+    assert problem in capsys.readouterr().err
+    np.testing.assert_array_equal(cache.load(a), truth)  # the rebuilt entry is trusted again, silently
+    assert "rebuilding" not in capsys.readouterr().err
+
+
+def test_a_replaced_ct_changes_the_cohort_fingerprint_and_the_refusal_names_it(tiny_cohort, tmp_path):
+    from xcardia.data.manifest import load_manifest
+    from xcardia.run_folder import cohort_fingerprint, describe_cohort_change
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    before = cohort_fingerprint(load_manifest(cohort))
+    manifest = load_manifest(cohort)
+    first, second = manifest["ct_path"].iloc[0], manifest["ct_path"].iloc[1]
+    shutil.copyfile(cohort / second, cohort / first)  # the manifest is unchanged; one CT is another patient's now
+    after = cohort_fingerprint(load_manifest(cohort))
+    change = describe_cohort_change(before, after)
+    assert change and "1 image(s) replaced" in change and str(manifest["patient_id"].iloc[0]) in change
+    copied = tmp_path / "copied"
+    shutil.copytree(cohort, copied)  # copying a cohort (new mtimes) is not a change
+    assert describe_cohort_change(after, cohort_fingerprint(load_manifest(copied))) is None
+
+
+def test_a_fifo_manifest_is_refused_at_once(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "manifest.csv"
+    os.mkfifo(fifo)
+    assert main(["validate", str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["finetune", "pretrain"])
+def test_outputs_never_clobber_a_strangers_folder_the_cohort_folder_or_its_images(tiny_cohort, tmp_path, capsys, command):
+    args = {"finetune": ["finetune", "--init", "scratch", "--data", str(tiny_cohort), *SMOKE],
+            "pretrain": ["pretrain", "--method", "clip", "--data", str(tiny_cohort), *SMOKE, "--epochs", "1"]}[command]
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "metrics.json").write_text("[1, 2, 3]")
+    (stranger / "log.csv").write_text("my own log")
+    before = _snapshot(stranger)
+    assert main([*args, "--out", str(stranger)]) == 2
+    assert "holds no" in capsys.readouterr().err and _snapshot(stranger) == before
+    cohort_before = _snapshot(tiny_cohort)
+    assert main([*args, "--out", str(tiny_cohort)]) == 2
+    assert "cohort's own folder" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "new"), "--cache", str(tiny_cohort / "ct")]) == 2
+    assert "--cache" in capsys.readouterr().err and _snapshot(tiny_cohort) == cohort_before
+    assert not (tmp_path / "new").exists()

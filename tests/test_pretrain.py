@@ -203,3 +203,53 @@ def test_two_processes_cannot_write_one_run_folder(tiny_cohort, tmp_path):
             model_spec, spec, pre = tiny_pretrain_specs("clip")
             pretrain(tiny_cohort, tmp_path / "run", model_spec, spec, pre, cache_dir=tmp_path / "cache", **QUIET)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_full_disk_after_the_checkpoint_leaves_no_file_ahead_of_it_and_resume_makes_them_agree(
+        tiny_cohort, tmp_path, monkeypatch, capsys):
+    """Issue 22: the checkpoint is written first; a write failing after it (disk full) is one error line, and
+    --resume rewrites the logs, the last encoder and run.json from the checkpoint (here: the final epoch)."""
+    import errno
+
+    from xcardia.run_folder import RunFolder
+
+    out = tmp_path / "run"
+    real = RunFolder.write_logs
+    calls = {"n": 0}
+
+    def full_disk(self, history):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "log.csv"))
+        return real(self, history)
+
+    monkeypatch.setattr(RunFolder, "write_logs", full_disk)
+    args = ["pretrain", "--method", "clip", "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(out),
+            "--epochs", "2", "--batch-size", "8"]
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    folder = RunFolder(out)
+    assert torch.load(folder.checkpoint, weights_only=False)["epoch"] == 2
+    assert len(folder.log()) == 1 and folder.info()["status"] == "running"  # behind, never ahead
+    monkeypatch.setattr(RunFolder, "write_logs", real)
+    assert main([*args, "--resume"]) == 0
+    assert len(folder.log()) == 2 and folder.info()["status"] == "complete"
+    assert torch.load(folder.encoder_last, weights_only=True)["metadata"]["epoch"] == 2
+
+
+def test_sigterm_ends_a_run_with_one_line_saying_how_to_continue(tiny_cohort, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from xcardia import pretrain as p
+        real = p.train_one_epoch
+        def terminated_during_the_first_epoch(run, epoch, progress, on_step=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(run, epoch, progress, on_step)
+        p.train_one_epoch = terminated_during_the_first_epoch
+        from xcardia.cli import main
+        sys.exit(main(["pretrain", "--method", "clip", "--data", {str(tiny_cohort)!r}, "--profile", "smoke",
+                       "--out", {str(tmp_path / 'run')!r}, "--epochs", "1", "--batch-size", "8"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "terminated (SIGTERM); --resume continues" in result.stderr and "Traceback" not in result.stderr

@@ -265,7 +265,7 @@ def _cmd_pretrain(args) -> int:
     if args.compile:
         overrides["compile"] = True
     model_spec, spec = profile_run_specs(profile, args.method, **overrides)
-    _refuse_output_in_inputs(args.out, args.data)
+    _refuse_output_in_inputs(args.out, args.data, args.cache, ("run.json", "checkpoint.pt"), "pretraining run")
     try:
         pretrain(args.data, args.out, model_spec, spec, profile.preprocess, cache_dir=args.cache, resume=args.resume)
     finally:
@@ -273,11 +273,17 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
-def _refuse_output_in_inputs(out, data) -> None:
+def _refuse_output_in_inputs(out, data, cache=None, markers: tuple[str, ...] | None = None, kind: str = "") -> None:
+    """``--out`` (and ``--cache``) never inside the cohort's inputs; ``--out`` new, empty or of its own kind."""
     from xcardia.data.manifest import load_manifest
-    from xcardia.run_folder import refuse_input_paths
+    from xcardia.run_folder import refuse_foreign_folder, refuse_input_paths
 
-    refuse_input_paths(out, load_manifest(data, check=False), "--out")
+    manifest = load_manifest(data, check=False)
+    refuse_input_paths(out, manifest, "--out")
+    if cache:
+        refuse_input_paths(cache, manifest, "--cache")
+    if markers:
+        refuse_foreign_folder(out, markers, "--out", kind)
 
 
 def _parse_inits(values: list[str]) -> dict[str, str]:
@@ -311,7 +317,8 @@ def _cmd_evaluate(args) -> int:
     inits = _parse_inits(args.init)
     spec = profile.finetune
     out = Path(args.out)
-    _refuse_output_in_inputs(out, args.data)
+    _refuse_output_in_inputs(out, args.data, args.cache,
+                             ("config.json", "records.csv", "kshot_records.csv", "test_labels.npy"), "evaluation output")
     if args.command == "finetune":
         records, predictions, y_test = finetune_experiment(profile, args.data, inits, out, args.cache, spec, args.seed,
                                                            progress=True, allow_unfinished=args.allow_unfinished)
@@ -378,7 +385,7 @@ def _cmd_export(args) -> int:
     from xcardia.bundle import export_bundle
     from xcardia.config import get_profile
 
-    _refuse_output_in_inputs(args.out, args.data)
+    _refuse_output_in_inputs(args.out, args.data, args.cache)
     name = args.name or Path(args.init.rstrip("/")).name.replace(":", "_")
     export_bundle(args.out, get_profile(args.profile), args.data, args.init, name, args.cache, args.seed)
     return 0
@@ -404,8 +411,25 @@ COMMANDS = {
 }
 
 
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that the run ends with one line (and its lock released)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    resumable = args.command == "pretrain"
+    hint = ("--resume continues the run from its last complete epoch" if resumable else
+            "rerun the same command (finished work is reused)")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except XcardiaError as exc:
@@ -413,9 +437,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # disk full, permission denied, a vanished file: the system's words, on one line
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; free space or fix permissions, then rerun (--resume continues "
-              f"a pretraining run from its last complete epoch)", file=sys.stderr)
+        fix = {28: "free some space", 13: "fix the permissions", 30: "write to a writable folder"}.get(
+            exc.errno, "fix the cause")
+        print(f"error: {exc.strerror or exc}{where}; {fix}, then {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted (Ctrl+C); {hint}", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"terminated (SIGTERM); {hint}", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -171,7 +171,8 @@ def _prepare_run_dir(folder: RunFolder, config: dict, resume: bool, fingerprint:
         if diff:
             raise XcardiaError(f"--resume: {checkpoint} was written with a different configuration "
                                f"({'; '.join(diff[:5])}); resume with the original settings or use another --out")
-        if int(state["epoch"]) >= int(config["pretrain"]["epochs"]):
+        finished = (folder.info() or {}).get("status") == "complete"
+        if int(state["epoch"]) >= int(config["pretrain"]["epochs"]) and finished:
             raise XcardiaError(f"--resume: {out} already finished {state['epoch']} of {config['pretrain']['epochs']} "
                                f"epochs; pass a larger --epochs to continue it")
         return state
@@ -394,6 +395,10 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
     if run.bank is None and spec.bank in ("kmeans", "batch"):
         run.bank = run.rebuild_kmeans_bank()  # the paper builds its bank before the first epoch
     run.started = time.perf_counter() - (float(resumed.get("wall_time_s", 0.0)) if resumed else 0.0)
+    if resumed and is_main_process():
+        rng = _rng_state()
+        _reconcile(run, say)
+        _set_rng_state(rng)  # writing files draws nothing, but keep the resumed stream exact regardless
     return run
 
 
@@ -494,8 +499,22 @@ def select_epoch(best: dict, row: dict) -> bool:
 
 
 def save_epoch(run: _Run, epoch: int, improved: bool) -> None:
-    """Rank 0's files after an epoch, each written atomically: the selection whole (``selected.pt``) and its
-    encoder (``encoder.pt``) when this epoch is selected, the last encoder, the logs, the checkpoint, ``run.json``."""
+    """Rank 0's files after an epoch, each written atomically, the checkpoint first: if the disk fills on the way,
+    the checkpoint is the last complete epoch and ``--resume`` rewrites every later file from it
+    (:func:`_reconcile`), so no file of the run folder is ahead of the checkpoint (issue 22). Then the selection
+    whole (``selected.pt``) and its encoder (``encoder.pt``) when this epoch is selected, the last encoder, the logs
+    and ``run.json``."""
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step_count,
+             "rng": _rng_state(), "bank": run.bank.state_dict() if run.bank is not None else None,
+             "queue": run.queue.state_dict() if run.queue is not None else None, "tabular": run.pre.state_dict(),
+             "history": run.history, "best": run.best, "config": run.config, "cohort": run.fingerprint,
+             "wall_time_s": time.perf_counter() - run.started, "xcardia_version": __version__}
+    run.folder.write_checkpoint(state)
+    _write_epoch_files(run, epoch, improved)
+
+
+def _write_epoch_files(run: _Run, epoch: int, improved: bool) -> None:
     spec, model, folder = run.spec, run.model, run.folder
     meta = {"method": spec.method, "variant": spec.variant, "epoch": epoch + 1,
             "val_concept_map": run.history[-1].get("val_concept_map"), "selection": "best validation concept mAP",
@@ -509,14 +528,24 @@ def save_epoch(run: _Run, epoch: int, improved: bool) -> None:
         folder.write_selected(selected)
     save_encoder(folder.encoder_last, model.image_encoder, {**meta, "selection": "last epoch"})
     folder.write_logs(run.history)
-    state = {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1, "step": run.step_count,
-             "rng": _rng_state(), "bank": run.bank.state_dict() if run.bank is not None else None,
-             "queue": run.queue.state_dict() if run.queue is not None else None, "tabular": run.pre.state_dict(),
-             "history": run.history, "best": run.best, "config": run.config, "cohort": run.fingerprint,
-             "wall_time_s": time.perf_counter() - run.started, "xcardia_version": __version__}
-    folder.write_checkpoint(state)
     folder.write_run_json(_run_json(run, "running"))
+
+
+def _reconcile(run: _Run, say) -> None:
+    """On ``--resume``: rewrite the files of the checkpoint's epoch (logs, last encoder, run.json, and the selection
+    when the checkpoint's epoch is the selected one but ``selected.pt`` holds another) so that every file agrees with
+    the checkpoint — a crash (a full disk) between the checkpoint and them left them behind."""
+    epoch = run.start_epoch - 1
+    selected_epoch = None
+    try:
+        selected_epoch = int(run.folder.load_state("selected")["epoch"]) if run.folder.selected.exists() else None
+    except Exception:  # noqa: BLE001 - an unreadable selection is rewritten below when it should hold this epoch
+        selected_epoch = None
+    improved = run.best.get("epoch") == run.start_epoch and selected_epoch != run.start_epoch
+    if improved:
+        say(f"[pretrain] {run.folder.selected} was behind the checkpoint (epoch {selected_epoch} instead of "
+            f"{run.start_epoch}); rewriting it from the checkpoint")
+    _write_epoch_files(run, epoch, improved)
 
 
 def support_bank_state(bank: SupportBank | None, queue: QueueBank | None) -> dict | None:

@@ -80,9 +80,36 @@ class RunLock:
         self.release()
 
 
+#: Bytes hashed at each end of an image file for its identity (cheap on a 20,000-patient cohort, robust to copying).
+IDENTITY_BYTES = 64 * 1024
+
+
+def _file_identity(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(IDENTITY_BYTES))
+        if size > IDENTITY_BYTES:
+            handle.seek(max(IDENTITY_BYTES, size - IDENTITY_BYTES))
+            digest.update(handle.read(IDENTITY_BYTES))
+    return digest.hexdigest()
+
+
+def image_identity(path: Path) -> str:
+    """A short content identity of one image (a file, or a DICOM folder's files): its size and a hash of its first and
+    last 64 KiB. A replaced CT — another patient's file, a re-export — changes it; copying the cohort does not."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(x for x in path.iterdir() if x.is_file()):
+            digest.update(f.name.encode() + _file_identity(f).encode())
+        return digest.hexdigest()[:12]
+    return _file_identity(path)[:12] if path.is_file() else "missing"
+
+
 def cohort_fingerprint(manifest) -> dict:
-    """``{"manifest_sha256", "rows", "splits", "labels_sha256"}`` of a loaded manifest (a DataFrame with
-    ``attrs["path"]``): the file's bytes, and the parts a change of which :func:`describe_cohort_change` names."""
+    """``{"manifest_sha256", "rows", "splits", "labels_sha256", "images", "image_ids"}`` of a loaded manifest (a
+    DataFrame with ``attrs["path"]``): the file's bytes, the identity of every CT and heart mask it points to
+    (:func:`image_identity`), and the parts a change of which :func:`describe_cohort_change` names."""
     import pandas as pd
 
     from xcardia.schema import LABELS
@@ -93,16 +120,33 @@ def cohort_fingerprint(manifest) -> dict:
     split = manifest["split"].astype(str)
     labels = [c for c in LABELS if c in manifest.columns]
     label_blob = manifest[["patient_id", *labels]].astype(str).to_csv(index=False) if labels else ""
+    from xcardia.data.manifest import resolve_ct_path
+
+    image_ids = {}
+    for column in ("ct_path", "heart_mask_path"):
+        if column in manifest:
+            for pid, value in zip(ids, manifest[column]):
+                if isinstance(value, str) and value.strip():
+                    image_ids[f"{pid}:{column}"] = image_identity(resolve_ct_path(manifest, value))
     return {"manifest_sha256": digest, "rows": int(len(manifest)),
             "splits": hashlib.sha256(pd.Series(split.values, index=ids.values).sort_index().to_csv().encode()).hexdigest(),
             "ids": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
-            "labels_sha256": hashlib.sha256(label_blob.encode()).hexdigest()}
+            "labels_sha256": hashlib.sha256(label_blob.encode()).hexdigest(),
+            "images": hashlib.sha256(json.dumps(image_ids, sort_keys=True).encode()).hexdigest(),
+            "image_ids": image_ids}
 
 
 def describe_cohort_change(before: dict | None, after: dict) -> str | None:
-    """None when the cohort is the same; otherwise what changed, in words."""
-    if not before or before.get("manifest_sha256") == after.get("manifest_sha256"):
+    """None when the cohort is the same; otherwise what changed, in words (naming up to three changed images)."""
+    if not before:
         return None
+    if before.get("manifest_sha256") == after.get("manifest_sha256"):
+        if "images" not in before or before.get("images") == after.get("images"):
+            return None  # (a fingerprint written before images were recorded compares the manifest only)
+        old, new = before.get("image_ids", {}), after.get("image_ids", {})
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        names = ", ".join(k.replace(":ct_path", " CT").replace(":heart_mask_path", " heart mask") for k in changed[:3])
+        return f"{len(changed)} image(s) replaced since: {names}{' …' if len(changed) > 3 else ''}"
     parts = []
     if before.get("rows") != after.get("rows"):
         parts.append(f"rows {before.get('rows')} → {after.get('rows')}")
@@ -129,6 +173,8 @@ def refuse_input_paths(target: str | os.PathLike, manifest, what: str) -> None:
     root = manifest_path.parent
     if t == manifest_path:
         raise XcardiaError(f"{what} {target} is the manifest itself; write it elsewhere (nothing was written)")
+    if t == root:
+        raise XcardiaError(f"{what} {target} is the cohort's own folder; write it elsewhere (nothing was written)")
     image_dirs, images = set(), set()
     for column in ("ct_path", "labelmap_path"):
         if column not in manifest:
@@ -145,6 +191,23 @@ def refuse_input_paths(target: str | os.PathLike, manifest, what: str) -> None:
         if t == folder or folder in t.parents:
             raise XcardiaError(f"{what} {target} is inside the cohort's image folder {folder}; write it elsewhere "
                                f"(nothing was written)")
+
+
+def refuse_foreign_folder(target: str | os.PathLike, markers: tuple[str, ...], what: str, kind: str) -> None:
+    """The one rule for output folders (issue 22): a command writes only into a new or empty folder, or one that
+    holds its own kind of output (recognised by one of ``markers``) — never over someone else's files.
+
+    Raises:
+        XcardiaError: ``target`` is a file, or a non-empty folder without any of ``markers``.
+    """
+    t = Path(target)
+    if t.exists() and not t.is_dir():
+        raise XcardiaError(f"{what} {target} is a file; give a folder for the {kind} (nothing was written)")
+    if t.is_dir():
+        entries = [e for e in t.iterdir() if e.name != LOCK_NAME]
+        if entries and not any((t / m).exists() for m in markers):
+            raise XcardiaError(f"{what} {target} is a non-empty folder that holds no {kind} (none of "
+                               f"{', '.join(markers)}); give a new or empty folder (nothing was written)")
 
 
 class RunFolder:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xcardia.atomic import write_atomic
+from xcardia.atomic import write_atomic, write_text_atomic
 from xcardia.errors import XcardiaError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -90,6 +91,9 @@ def read_header(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.exists():
         raise XcardiaError(f"{p} does not exist")
+    if not (p.is_file() or p.is_dir()):  # a FIFO or a device would block or never end
+        raise XcardiaError(f"{p} is not a regular file or a DICOM folder (a pipe or a device?); point ct_path at "
+                           f"the image file")
     kind = _kind(p)
     try:
         if kind == "nifti":
@@ -334,8 +338,9 @@ class PreprocessCache:
         else:
             s = p.stat()
             stat = [(p.name, s.st_size, s.st_mtime_ns)]
-        blob = {"path": str(p), "files": stat, "spec": self.spec.key(), "pipeline": 1}
-        if self.spec.centre != "image":  # keys of the default pipeline are unchanged (existing caches stay valid)
+        # pipeline 2: entries carry a checksum sidecar (issue 22); entries of pipeline 1 are not reused
+        blob = {"path": str(p), "files": stat, "spec": self.spec.key(), "pipeline": 2}
+        if self.spec.centre != "image":
             blob["centre"] = self.spec.centre
             if heart_mask is not None and Path(heart_mask).exists():
                 m = Path(heart_mask).resolve()
@@ -351,16 +356,54 @@ class PreprocessCache:
              heart_mask: str | os.PathLike | None = None) -> np.ndarray:
         """The preprocessed volume, from the cache or computed and stored (atomically). ``npy_spacing_mm`` (the
         manifest's ``npy_spacing_mm`` cell) gives a ``.npy`` volume its voxel size; ``heart_mask`` (the
-        ``heart_mask_path`` cell) centres a heart crop. Both are part of the cache key."""
+        ``heart_mask_path`` cell) centres a heart crop. Both are part of the cache key.
+
+        Every entry has a sidecar ``<key>.json`` written after it: the source file's identity and the entry's shape
+        and sha256. An entry that does not match it — overwritten, truncated, NaN, the wrong shape, another
+        patient's tensor, or written without a sidecar — is never used: it is rebuilt from the CT, with a log line
+        (issue 22)."""
         p = Path(path)
         if not p.exists():
             raise XcardiaError(f"{p} does not exist")
         cache = self if npy_spacing_mm is None else PreprocessCache(self.root, replace(self.spec, npy_spacing_mm=npy_spacing_mm))
         entry = cache.entry(p, heart_mask)
         if entry.exists():
-            return np.load(entry)
+            array, problem = _verified_entry(entry, cache.spec.shape, str(p.resolve()))
+            if problem is None:
+                return array
+            print(f"[cache] {entry}: {problem}; rebuilding it from {p}", file=sys.stderr)
         if heart_mask is not None and not Path(heart_mask).exists():
             raise XcardiaError(f"heart mask {heart_mask} does not exist (manifest column heart_mask_path)")
         array = preprocess_ct(p, cache.spec, heart_mask)
+        if not np.isfinite(array).all():
+            raise XcardiaError(f"{p}: preprocessing gave non-finite voxels (±inf in the image?); fix the file")
         write_atomic(entry, lambda tmp: np.save(tmp, array), suffix=".npy")
+        write_text_atomic(entry.with_suffix(".json"), json.dumps(
+            {"source": str(p.resolve()), "shape": list(array.shape), "sha256": _array_sha256(array)}) + "\n")
         return array
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _verified_entry(entry: Path, shape, source: str) -> tuple[np.ndarray | None, str | None]:
+    """``(array, None)`` when a cache entry matches its sidecar, else ``(None, what is wrong)``."""
+    sidecar = entry.with_suffix(".json")
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None, "no valid checksum record beside the entry"
+    try:
+        array = np.load(entry)
+    except Exception as exc:  # noqa: BLE001 - truncated or not an array
+        return None, f"unreadable ({type(exc).__name__})"
+    if tuple(array.shape) != tuple(shape) or list(array.shape) != record.get("shape"):
+        return None, f"shape {tuple(array.shape)} instead of {tuple(shape)}"
+    if record.get("source") != source:
+        return None, f"recorded for {record.get('source')}, not this CT"
+    if not np.isfinite(array).all():
+        return None, "non-finite voxels"
+    if _array_sha256(array) != record.get("sha256"):
+        return None, "its contents changed since it was written (checksum mismatch)"
+    return array, None

@@ -38,6 +38,8 @@ def manifest_file(path: str | os.PathLike) -> Path:
         raise XcardiaError(f"manifest {p} does not exist; pass a manifest.csv or a cohort folder that contains one")
     if p.is_dir():
         raise XcardiaError(f"{p} is a folder without manifest.csv; pass a manifest.csv or a cohort folder")
+    if not p.is_file():  # a FIFO or a device would block or never end
+        raise XcardiaError(f"manifest {p} is not a regular file (a pipe or a device?); pass a manifest.csv file")
     return p
 
 
