@@ -451,3 +451,19 @@ def test_outputs_never_clobber_a_strangers_folder_the_cohort_folder_or_its_image
     assert main([*args, "--out", str(tmp_path / "new"), "--cache", str(tiny_cohort / "ct")]) == 2
     assert "--cache" in capsys.readouterr().err and _snapshot(tiny_cohort) == cohort_before
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, root: m.assign(ct_path=[m["ct_path"].iloc[1], *m["ct_path"].iloc[1:]]), "the same CT file as row"),
+    (lambda m, root: m.assign(patient_id=[m["patient_id"].iloc[1].lower(), *m["patient_id"].iloc[1:]]),
+     "differs only in case"),
+    (lambda m, root: (shutil.copyfile(root / m["ct_path"].iloc[1], root / "ct" / "copy.nii.gz"),
+                      m.assign(ct_path=["ct/copy.nii.gz", *m["ct_path"].iloc[1:]]))[1], "same content as row"),
+])
+def test_the_same_ct_in_two_rows_is_refused_as_leakage(tiny_cohort, tmp_path, capsys, edit, message):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype=str, keep_default_na=False)
+    edit(manifest, cohort).to_csv(cohort / "manifest.csv", index=False)
+    assert main(["validate", str(cohort)]) == 1
+    assert message in capsys.readouterr().out

@@ -265,7 +265,9 @@ def _cmd_pretrain(args) -> int:
     if args.compile:
         overrides["compile"] = True
     model_spec, spec = profile_run_specs(profile, args.method, **overrides)
-    _refuse_output_in_inputs(args.out, args.data, args.cache, ("run.json", "checkpoint.pt"), "pretraining run")
+    from xcardia.run_folder import RunFolder
+
+    _refuse_output_in_inputs(args.out, args.data, args.cache, RunFolder.MARKERS, "pretraining run")
     try:
         pretrain(args.data, args.out, model_spec, spec, profile.preprocess, cache_dir=args.cache, resume=args.resume)
     finally:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from xcardia.atomic import write_atomic, write_json_atomic
+from xcardia.data.identity import image_identity  # noqa: F401 - re-exported
 from xcardia.errors import XcardiaError
 from xcardia.support_bank import SupportBank
 
@@ -78,32 +79,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-#: Bytes hashed at each end of an image file for its identity (cheap on a 20,000-patient cohort, robust to copying).
-IDENTITY_BYTES = 64 * 1024
-
-
-def _file_identity(path: Path) -> str:
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(IDENTITY_BYTES))
-        if size > IDENTITY_BYTES:
-            handle.seek(max(IDENTITY_BYTES, size - IDENTITY_BYTES))
-            digest.update(handle.read(IDENTITY_BYTES))
-    return digest.hexdigest()
-
-
-def image_identity(path: Path) -> str:
-    """A short content identity of one image (a file, or a DICOM folder's files): its size and a hash of its first and
-    last 64 KiB. A replaced CT — another patient's file, a re-export — changes it; copying the cohort does not."""
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(x for x in path.iterdir() if x.is_file()):
-            digest.update(f.name.encode() + _file_identity(f).encode())
-        return digest.hexdigest()[:12]
-    return _file_identity(path)[:12] if path.is_file() else "missing"
 
 
 def cohort_fingerprint(manifest) -> dict:
@@ -230,6 +205,8 @@ class RunFolder:
     ENCODER = "encoder.pt"
     ENCODER_LAST = "encoder_last.pt"
     RUN_JSON = "run.json"
+    #: What makes a folder a run folder (the one output-folder rule: ``refuse_foreign_folder``).
+    MARKERS = (RUN_JSON, CHECKPOINT)
     LOG_JSON = "log.json"
     LOG_CSV = "log.csv"
 

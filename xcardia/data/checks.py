@@ -5,6 +5,8 @@ it imports neither the manifest reader nor the report.
 
 from __future__ import annotations
 
+import os
+
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,6 +164,9 @@ def cell_problems(raw: pd.DataFrame, check_files: bool = False, root: Path | Non
 
     problems: list[Problem] = []
     seen: dict[str, tuple[int, str]] = {}
+    seen_folded: dict[str, tuple[int, str]] = {}
+    ct_seen: dict[str, tuple[int, str]] = {}
+    content_seen: dict[str, tuple[int, str]] = {}
     checked_columns = [c for c in raw.columns if c in COLUMN_BY_NAME and COLUMN_BY_NAME[c].group != "id"]
     for i, row in enumerate(raw.itertuples(index=False), start=1):
         cells = dict(zip(raw.columns, row))
@@ -181,6 +186,20 @@ def cell_problems(raw: pd.DataFrame, check_files: bool = False, root: Path | Non
                 add(f"duplicate patient_id (first in row {first_row}); one row per patient", "patient_id")
         else:
             seen[pid] = (i, cells.get("split", ""))
+            folded = pid.casefold()
+            if folded in seen_folded:
+                add(f"patient_id differs only in case from {seen_folded[folded][1]!r} (row {seen_folded[folded][0]}); "
+                    f"the same patient twice would leak between splits — give one id per patient", "patient_id")
+            else:
+                seen_folded[folded] = (i, pid)
+        ct = cells.get("ct_path", "").strip()
+        if ct:  # the same CT under two rows (two ids, or two splits): leakage (issue 22)
+            key = os.path.normcase(os.path.normpath(ct)).casefold()
+            if key in ct_seen:
+                add(f"the same CT file as row {ct_seen[key][0]} (patient {ct_seen[key][1]}); one CT per patient, "
+                    f"or the model is tested on images it trained on", "ct_path")
+            else:
+                ct_seen[key] = (i, pid)
         if "split" in cells:
             message = _check_cell(COLUMN_BY_NAME["split"], cells["split"]) if cells["split"] else "empty split"
             if message:
@@ -209,6 +228,15 @@ def cell_problems(raw: pd.DataFrame, check_files: bool = False, root: Path | Non
             npy = cells.get("npy_spacing_mm", "").strip()
             if npy and _check_number(npy, COLUMN_BY_NAME["npy_spacing_mm"])[1] is None:
                 row_spec = replace(spec, npy_spacing_mm=float(npy))
+            if path_col == "ct_path":  # the same image under another name (a copied file): leakage too
+                from xcardia.data.identity import image_identity
+
+                identity = image_identity(target)
+                if identity in content_seen:
+                    add(f"{value!r} has the same content as row {content_seen[identity][0]}'s CT (patient "
+                        f"{content_seen[identity][1]}); one CT per patient", path_col)
+                else:
+                    content_seen[identity] = (i, pid)
             try:
                 if deep and path_col == "ct_path":
                     for severity, check, message in deep_series_problems(target, row_spec):
