@@ -76,7 +76,10 @@ def _pretraining_lines(section: dict) -> list[str]:
              "last epoch: fused | image-only |", "|---|---|---|---|---|---|---|---|---|"]
     for name, run in section.get("runs", {}).items():
         seed, best = run.get("seed"), run.get("best_epoch")
-        lines.append(f"| {name} | {run.get('method')} | {run.get('variant')} | {'–' if seed is None else int(seed)} | "
+        method = run.get("method")
+        if method == "clip":  # no NW head trains: its concept scores are an NW read-out of CLIP's embeddings
+            method = "clip (no NW loss: concept scores are a read-out)"
+        lines.append(f"| {name} | {method} | {run.get('variant')} | {'–' if seed is None else int(seed)} | "
                      f"{'–' if best is None else int(best)} | {_fmt(run.get('val_concept_auroc_at_best'))} | "
                      f"{_fmt(run.get('val_image_query_auroc_at_best'))} | {_fmt(run.get('val_concept_auroc_last'))} | "
                      f"{_fmt(run.get('val_image_query_auroc_last'))} |")
