@@ -10,7 +10,11 @@ check that ``bench --scale tiny`` runs.
 4. a training step with CLIP + NW head against CLIP alone, bank sizes 20 / 4,096 / 65,536, batch 32, D = 256;
 5. the engine's training step against a bare forward/backward of the same model on pre-loaded tensors, and the
    share of step time the engine waits for data;
-6. the cost model of the paper profile (FLOPs and activation memory of ResNet-50 at 164³; see ``cost_model.py``).
+6. the cost model of the paper profile (FLOPs and activation memory of ResNet-50 at 164³; see ``cost_model.py``);
+7. precision and memory layout on this CPU (issue 23.2): the encoder's forward + backward + AdamW step at the
+   ``cpu`` profile's shape in fp32, bf16 autocast, ``channels_last_3d`` and both, and the downstream last stage +
+   heads likewise; which bf16 units the CPU reports;
+8. k-shot fine-tuning of one init: the grouped (batched) trainer against the one-at-a-time loop (issue 23.3).
 """
 
 from __future__ import annotations
@@ -293,7 +297,107 @@ def bench_finetune_cache(scale: Scale) -> dict:
             "speedup_cached_vs_recomputed": recomputed / cached}
 
 
+def cpu_bf16_units() -> list[str]:
+    """The bf16 matrix/vector units this CPU reports (``/proc/cpuinfo`` flags): amx_bf16, avx512_bf16."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("amx_bf16", "amx_tile", "avx512_bf16") if f" {f}" in flags]
+
+
+def bench_precision(scale: Scale) -> dict:
+    """fp32 vs bf16 autocast vs channels_last_3d (and both) for a training step of the ``cpu`` profile's encoder
+    (batch 32, 32³) and of the downstream last stage + heads on cached trunk activations (batch 12): ratios of
+    step time against fp32 in the same run, interleaved repeats."""
+    from xcardia.config import get_profile
+    from xcardia.finetune import TopModel
+    from xcardia.models.image_encoder import ImageEncoder
+
+    profile = get_profile("cpu")
+    torch.manual_seed(0)
+    results = {"bf16_units": ",".join(cpu_bf16_units()) or "none"}
+    x = torch.randn(32, 1, *profile.preprocess.shape)
+    encoder = ImageEncoder(profile.model.image)
+    with torch.no_grad():
+        trunk = encoder.eval().trunk(x[:12])
+    settings = {"fp32": (False, False), "bf16": (True, False), "channels_last": (False, True),
+                "bf16_channels_last": (True, True)}
+
+    def step_fn(model, inputs, bf16, channels_last):
+        model = model.to(memory_format=torch.channels_last_3d) if channels_last else model
+        inputs = inputs.contiguous(memory_format=torch.channels_last_3d) if channels_last else inputs
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(inputs)
+            out.float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    for part, (make, inputs) in {"encoder": (lambda: ImageEncoder(profile.model.image).train(), x),
+                                 "downstream_top": (lambda: TopModel(encoder, 10).train(), trunk)}.items():
+        steps = {name: step_fn(make(), inputs, *flags) for name, flags in settings.items()}
+        times = {name: [] for name in settings}
+        for fn in steps.values():
+            fn()  # warm-up (oneDNN primitive creation)
+        for _ in range(scale.repeats):  # interleaved, so a load change hits every setting alike
+            for name, fn in steps.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        base = statistics.median(times["fp32"])
+        results[part] = {f"{name}_step_ms": statistics.median(v) * 1000 for name, v in times.items()}
+        results[part].update({f"speedup_{name}_vs_fp32": base / statistics.median(v)
+                              for name, v in times.items() if name != "fp32"})
+    return results
+
+
+def bench_kshot_batching(scale: Scale) -> dict:
+    """k-shot ``paper``-protocol runs of one init (k = 5, the ``cpu`` profile's encoder and epochs): the grouped
+    trainer of :mod:`xcardia.batched` against the one-at-a-time loop, same members, same seeds."""
+    from dataclasses import replace as _replace
+
+    from xcardia.batched import predict_grouped, train_kshot_grouped
+    from xcardia.config import get_profile
+    from xcardia.finetune import EncodedInit, TopModel, _predict_top, train_top
+    from xcardia.models.image_encoder import ImageEncoder
+
+    profile = get_profile("cpu")
+    spec = _replace(profile.finetune, kshot_epochs=min(profile.finetune.kshot_epochs, 5 * scale.repeats))
+    torch.manual_seed(0)
+    encoder = ImageEncoder(profile.model.image).eval()
+    n = 200
+    with torch.no_grad():
+        trunk = torch.cat([encoder.trunk(v) for v in torch.randn(n, 1, *profile.preprocess.shape).split(64)])
+    init = EncodedInit("x", encoder, np.arange(n), trunk, np.zeros((n, 128)), {i: i for i in range(n)})
+    rng = np.random.default_rng(0)
+    members = 4 * scale.repeats
+    jobs = [(rng.choice(150, 10, replace=False), seed) for seed in range(members)]
+    labels = (rng.random((n, 1)) < 0.5).astype(float)
+    test = torch.arange(150, n)
+    t = time.perf_counter()
+    for rows, seed in jobs:
+        _predict_top(train_top(init, labels, rows, None, spec, seed, epochs=spec.kshot_epochs), trunk[test])
+    loop = time.perf_counter() - t
+    t = time.perf_counter()
+    built = []
+    for _rows, seed in jobs:
+        torch.manual_seed(seed)
+        built.append(TopModel(encoder, 1, spec.reinit_feature, spec.train_batchnorm))
+    model = train_kshot_grouped(built, trunk, [r for r, _ in jobs], [labels[r] for r, _ in jobs],
+                                [s for _, s in jobs], spec, spec.kshot_epochs)
+    predict_grouped(model, trunk[test])
+    grouped = time.perf_counter() - t
+    return {"runs": members, "epochs": spec.kshot_epochs, "loop_s": loop, "grouped_s": grouped,
+            "speedup_grouped_vs_loop": loop / grouped}
+
+
 BENCHMARKS = {
+    "precision": lambda s, d: bench_precision(s),
+    "kshot_batching": lambda s, d: bench_kshot_batching(s),
     "finetune_cache": lambda s, d: bench_finetune_cache(s),
     "generation": lambda s, d: bench_generation(s),
     "preprocessing": bench_preprocessing,
