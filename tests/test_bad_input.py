@@ -345,8 +345,8 @@ def test_fine_tuning_results_are_recomputed_after_labels_change(cohort, tmp_path
 # ------------------------------------------------------------------------------------------ issue 22 (second pass)
 @pytest.mark.parametrize("argv, message", [
     (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--workers", "-1"], "0 or more"),
-    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--seed", "-1"], "outside 0.."),
-    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--seed", str(2**40)], "outside 0.."),
+    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--seed", "-1"], "seed in 0.."),
+    (["pretrain", "--method", "clip", "--data", "X", "--out", "O", "--seed", str(2**40)], "seed in 0.."),
     (["finetune", "--init", "scratch", "--data", "X", "--out", "O", "--seed", "x"], "integer seed"),
 ])
 def test_bad_workers_and_seeds_are_one_line_usage_errors(argv, message, capsys):

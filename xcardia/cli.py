@@ -16,14 +16,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str, low: int, high: int | None, what: str) -> int:
+    """``text`` as an integer in [low, high], or argparse's one-line usage error saying what was expected."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, None, "a positive integer")
 
 
 def _positive_float(text: str) -> float:
@@ -41,14 +46,8 @@ MAX_SEED = 2**31 - 1
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seed {value} is outside 0..{MAX_SEED} (NumPy and scikit-learn need a "
-                                         f"non-negative seed below 2³¹ once replicate offsets are added)")
-    return value
+    return _integer(text, 0, MAX_SEED, f"an integer seed in 0..{MAX_SEED} (NumPy and scikit-learn need a "
+                                       f"non-negative seed below 2³¹ once replicate offsets are added)")
 
 
 def _workers(text: str) -> int:
@@ -56,12 +55,7 @@ def _workers(text: str) -> int:
     thousand loader processes and exhaust memory, killing other processes on the machine)."""
     import os
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {value}")
+    value = _integer(text, 0, None, "a number of processes (0 or more)")
     cpus = os.cpu_count() or 1
     if value > cpus:
         print(f"notice: --workers {value} is more than this machine's {cpus} CPUs; using {cpus}", file=sys.stderr)
