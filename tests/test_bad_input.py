@@ -467,3 +467,12 @@ def test_the_same_ct_in_two_rows_is_refused_as_leakage(tiny_cohort, tmp_path, ca
     edit(manifest, cohort).to_csv(cohort / "manifest.csv", index=False)
     assert main(["validate", str(cohort)]) == 1
     assert message in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--shape", "100000", "at most 512"), ("--spacing", "1e308", "outside 0.2–10 mm"), ("--spacing", "0.01", "outside"),
+])
+def test_generate_refuses_sizes_that_would_allocate_petabytes_before_allocating(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--n-patients", "2", flag, value, "--out", str(tmp_path / "c")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -199,10 +199,13 @@ def test_two_processes_cannot_write_one_run_folder(tiny_cohort, tmp_path):
     from xcardia.run_folder import RunLock
 
     with RunLock(tmp_path / "run", "pretraining run"):
-        with pytest.raises(XcardiaError, match="in use by another pretraining run"):
+        with pytest.raises(XcardiaError, match="in use by a pretraining run"):
             model_spec, spec, pre = tiny_pretrain_specs("clip")
             pretrain(tiny_cohort, tmp_path / "run", model_spec, spec, pre, cache_dir=tmp_path / "cache", **QUIET)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    with RunLock(tmp_path / "eval", "finetune evaluation"):  # the refusal names the holder's kind, not its own
+        with pytest.raises(XcardiaError, match=r"in use by a finetune evaluation \(process \d+\)"):
+            RunLock(tmp_path / "eval", "pretraining run").acquire()
 
 
 def test_a_full_disk_after_the_checkpoint_leaves_no_file_ahead_of_it_and_resume_makes_them_agree(

@@ -72,7 +72,16 @@ def _shape(text: str) -> tuple[int, int, int]:
         parts = parts * 3
     if len(parts) != 3 or min(parts) < 16:
         raise argparse.ArgumentTypeError(f"shape {text!r}: give S or X,Y,Z with every side at least 16 voxels")
+    if max(parts) > 512:  # refused before anything is allocated (the paper's volumes are 164³)
+        raise argparse.ArgumentTypeError(f"shape {text!r}: every side at most 512 voxels")
     return tuple(parts)
+
+
+def _spacing(text: str) -> float:
+    value = _positive_float(text)
+    if not 0.2 <= value <= 10.0:  # the plausible CT spacing of xcardia.data.imaging.SPACING_RANGE_MM
+        raise argparse.ArgumentTypeError(f"spacing {value:g} mm is outside 0.2–10 mm (CT voxel sizes)")
+    return value
 
 
 def _fractions(text: str) -> tuple[float, float, float, float]:
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile", choices=_profile_names(), help="take unset options from this profile (default: cpu)")
     g.add_argument("--n-patients", type=_positive_int)
     g.add_argument("--shape", type=_shape, help="S or X,Y,Z voxels (each ≥ 16)")
-    g.add_argument("--spacing", type=_positive_float, help="voxel spacing in mm")
+    g.add_argument("--spacing", type=_spacing, help="voxel spacing in mm (0.2–10)")
     g.add_argument("--field-of-view", choices=["heart", "chest"])
     g.add_argument("--seed", type=_seed)
     g.add_argument("--splits", type=_fractions, help="pretrain,train,val,test fractions (sum 1)")

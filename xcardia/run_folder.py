@@ -56,13 +56,13 @@ class RunLock:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 handle.seek(0)
-                owner = handle.read().strip() or "unknown"
+                owner, _, kind = handle.read().strip().partition(" ")
                 handle.close()
-                raise XcardiaError(f"{self.folder} is in use by another {self.what} (process {owner}); wait for it "
-                                   f"to finish or choose another output folder") from None
+                raise XcardiaError(f"{self.folder} is in use by a {kind or 'process'} (process {owner or 'unknown'}); "
+                                   f"wait for it to finish or choose another output folder") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"{os.getpid()} {self.what}")  # the holder names its own kind in any later refusal
         handle.flush()
         self._file = handle
         return self
