@@ -147,3 +147,47 @@ def test_synthetic_heart_centred_cohort_is_never_moved(tiny_cohort):
     image = PreprocessSpec(shape=(24, 24, 24), spacing_mm=8.0)
     heart = PreprocessSpec(shape=(24, 24, 24), spacing_mm=8.0, centre="heart")
     np.testing.assert_array_equal(preprocess_ct(path, image), preprocess_ct(path, heart))
+
+
+def _series(tmp_path, edit):
+    folder = write_dicom_series(tmp_path / "series", 20, slice_mm=5.0, chest=True)
+    files = sorted(folder.iterdir())
+    edit(folder, files)
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d, f: (f[5].unlink(), f[6].unlink()), "missing slice"),
+    (lambda d, f: __import__("shutil").copyfile(f[5], d / "zz_copy.dcm"), "duplicated slice"),
+    (lambda d, f: [_move(x, (i % 2) * 1.5) for i, x in enumerate(f)], "irregular slice positions"),
+    (lambda d, f: (d / "thumbnail.jpg").write_bytes(b"\xff\xd8\xff not dicom"), "not a DICOM file"),
+])
+def test_a_broken_dicom_series_is_refused_wherever_it_is_read(tmp_path, edit, message):
+    """Issue 22: duplicated, missing or jittered slices and stray files are errors of every command (load_ct), not
+    only of validate --deep."""
+    from xcardia.data.imaging import load_ct
+    from xcardia.errors import XcardiaError
+
+    folder = _series(tmp_path, edit)
+    with pytest.raises(XcardiaError, match=message):
+        load_ct(folder, PreprocessSpec())
+
+
+def _move(path, shift_mm):
+    ds = pydicom.dcmread(path)
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x, y, z + shift_mm]
+    ds.save_as(path)
+
+
+def test_a_sheared_nifti_is_refused_and_a_sound_series_passes(tmp_path):
+    from xcardia.data.imaging import load_ct
+    from xcardia.data.qc import slice_geometry_problems
+    from xcardia.errors import XcardiaError
+
+    assert slice_geometry_problems(write_dicom_series(tmp_path / "ok", 20, slice_mm=5.0, chest=True)) == []
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[0, 2] = 1.5  # x moves with z: a sheared grid
+    nib.save(nib.Nifti1Image(np.rint(_chest()).astype(np.int16), affine), str(tmp_path / "sheared.nii.gz"))
+    with pytest.raises(XcardiaError, match="sheared affine"):
+        load_ct(tmp_path / "sheared.nii.gz", PreprocessSpec())

@@ -170,9 +170,14 @@ def load_ct(path: str | os.PathLike, spec: PreprocessSpec):
     from monai.data import MetaTensor
     from monai.transforms import LoadImage
 
+    from xcardia.data.qc import slice_geometry_problems
+
     p = Path(path)
     header = read_header(p)
     kind = header["kind"]
+    geometry = slice_geometry_problems(p)
+    if geometry:
+        raise XcardiaError(f"{p}: {geometry[0]}")
     spacing = header["spacing"] if kind != "npy" else ((spec.npy_spacing_mm,) * 3 if spec.npy_spacing_mm else ())
     for severity, message in geometry_problems(header["shape"], spacing, spec):
         if severity == "error":

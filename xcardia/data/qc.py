@@ -32,6 +32,8 @@ where the true centre is known, is measured by ``tests/test_qc.py`` and reported
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 MIN_LUNG_ML = 400.0
@@ -137,6 +139,64 @@ def dicom_series_qc(headers: list) -> list[tuple[str, str, str]]:
         findings.append(("warning", "kernel", f"reconstruction kernel {kernel!r} is a sharp lung kernel; prefer the "
                                               f"soft-tissue (mediastinal) reconstruction of the same scan"))
     return findings
+
+
+#: Slice spacing irregularity tolerated in a DICOM series, as a share of its median slice interval.
+SLICE_TOLERANCE = 0.1
+
+
+def slice_geometry_problems(path: Path) -> list[str]:
+    """Geometry that resampling cannot repair, checked wherever a CT is read (issue 22): a DICOM series with a
+    duplicated slice, a missing slice (a gap over 1.5 intervals), irregular ("jittered") slice positions (spread
+    over 10 % of the interval), several series or a file that is not DICOM; a NIfTI whose affine is sheared
+    (non-orthogonal axes). Returns the problems as sentences (empty when the geometry is sound)."""
+    path = Path(path)
+    if path.is_dir():
+        import pydicom
+
+        headers = []
+        for f in sorted(x for x in path.iterdir() if x.is_file()):
+            try:
+                headers.append(pydicom.dcmread(f, stop_before_pixels=True))
+            except Exception:  # noqa: BLE001 - pydicom raises several kinds for a non-DICOM file
+                return [f"{f.name} in the series folder is not a DICOM file (a thumbnail or a report?); move it out"]
+        if not headers:
+            return []
+        series = {str(getattr(h, "SeriesInstanceUID", "")) for h in headers}
+        if len(series) > 1:
+            return [f"{len(series)} series in one folder; put each series in its own folder and point ct_path at the "
+                    f"non-contrast chest series"]
+        try:
+            orientation = np.asarray(headers[0].ImageOrientationPatient, float)
+            normal = np.cross(orientation[:3], orientation[3:])
+            depth = np.sort([float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)) for h in headers])
+        except AttributeError:
+            return []  # no positions: MONAI's reader orders by instance number; nothing to check here
+        steps = np.diff(depth)
+        if len(steps) < 2:
+            return []
+        median = float(np.median(steps))
+        if median <= 0:
+            return ["slice positions do not advance (every slice at one position)"]
+        problems = []
+        if steps.min() < SLICE_TOLERANCE * median:
+            problems.append(f"a duplicated slice (two slices {steps.min():.2f} mm apart; interval {median:.2f} mm)")
+        if steps.max() > 1.5 * median:
+            problems.append(f"a missing slice (a {steps.max():.2f} mm gap in a {median:.2f} mm series)")
+        regular = steps[(steps >= SLICE_TOLERANCE * median) & (steps <= 1.5 * median)]
+        if len(regular) > 1 and float(regular.std()) > SLICE_TOLERANCE * median:
+            problems.append(f"irregular slice positions (interval {median:.2f} ± {regular.std():.2f} mm)")
+        return [p + "; re-export the complete series" for p in problems]
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        axes = np.asarray(nib.load(str(path)).affine, float)[:3, :3]
+        unit = axes / np.linalg.norm(axes, axis=0, keepdims=True).clip(1e-12)
+        cosines = np.abs(unit.T @ unit - np.eye(3))
+        if cosines.max() > 1e-3:
+            return [f"sheared affine (axes {np.degrees(np.arccos(1 - cosines.max())):.1f}° from orthogonal); "
+                    f"resample it to an orthogonal grid first"]
+    return []
 
 
 def heart_centre(volume_hu: np.ndarray, spacing_mm: tuple[float, float, float], mask: np.ndarray | None = None) -> tuple:
