@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -182,3 +183,15 @@ def test_fraction_subset_draws_as_the_public_sweep():
     rows = np.arange(100, 400)
     expected = np.sort(np.random.RandomState(123 + 100).choice(300, size=30, replace=False))
     assert np.array_equal(fraction_subset(rows, 0.1, 123), rows[expected])
+
+
+def test_a_task_without_training_positives_is_skipped_with_its_reason_and_left_out_of_every_macro():
+    """Issue 22.7: at a small fraction a head can see no positive of a task; it is not scored, not counted."""
+    from xcardia.finetune import _record
+
+    y_test = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    scores = np.array([0.9, 0.1, 0.8, 0.2])
+    kept = _record("paper", "x", "fraction", 0.01, 123, 0, y_test, scores, 3, 5)
+    dropped = _record("probe", "x", "fraction", 0.01, 123, 1, y_test, scores, 0, 8)
+    assert kept["skipped"] is None and kept["auroc"] == 1.0
+    assert dropped["skipped"] == "no positive in the training subset" and math.isnan(dropped["auroc"])

@@ -408,7 +408,11 @@ def _record(protocol, init, setting, value, seed, task_index, y_test, p, n_train
     task = LABELS[task_index]
     y = y_test[:, task_index]
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-    reason = skipped or (None if n_pos and n_neg else "no positives in test" if not n_pos else "no negatives in test")
+    reason = skipped or ("no positive in the training subset" if not n_train_pos else
+                         "no negative in the training subset" if not n_train_neg else
+                         None if n_pos and n_neg else "no positives in test" if not n_pos else "no negatives in test")
+    if not (n_train_pos and n_train_neg):  # a head that never saw a class is not scored, nor counted in a macro
+        p = None
     return {"protocol": protocol, "init": init, "setting": setting, "value": value, "seed": seed, "task": task,
             "auroc": auroc(y, p) if p is not None else math.nan, "auprc": auprc(y, p) if p is not None else math.nan,
             "n_pos": n_pos, "n_neg": n_neg, "n_train_pos": n_train_pos, "n_train_neg": n_train_neg,
@@ -433,6 +437,8 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
             p_paper = _predict_top(model, init.trunk[torch.as_tensor(init.at(test))])
             p_probe = np.stack([linear_probe(init.features[init.at(subset)], exp.labels[subset, t],
                                              init.features[init.at(test)], spec.probe_c) for t in range(len(LABELS))], 1)
+            untrainable = [t for t, (pos, neg) in enumerate(counts) if not (pos and neg)]
+            p_paper[:, untrainable] = np.nan  # issue 22: such tasks are skipped with their reason, never scored
             for protocol, p in (("paper", p_paper), ("probe", p_probe)):
                 predictions[(protocol, name, fraction, seed)] = p
                 for t in range(len(LABELS)):
@@ -450,10 +456,12 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
                 ds_train = CohortDataset.from_parts([exp.datasets["train"]], subset)
                 p = train_scratch_all(exp.manifest, ds_train, exp.datasets["val"], exp.datasets["test"], exp.image_spec,
                                       exp.labels, spec, seed)
-                predictions[("scratch_all", scratch_names[0], fraction, seed)] = p
                 for t in range(len(LABELS)):
                     counts = (int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum()))
+                    if not all(counts):
+                        p[:, t] = np.nan
                     records.append(_record("scratch_all", scratch_names[0], "fraction", fraction, seed, t, y_test, p[:, t], *counts))
+                predictions[("scratch_all", scratch_names[0], fraction, seed)] = p
         exp.timing["scratch_all_s"] = round(time.perf_counter() - started, 2)
         log("[finetune] scratch with every layer trainable: done")
     return pd.DataFrame(records), predictions
