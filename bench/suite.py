@@ -14,7 +14,9 @@ check that ``bench --scale tiny`` runs.
 7. precision and memory layout on this CPU (issue 23.2): the encoder's forward + backward + AdamW step at the
    ``cpu`` profile's shape in fp32, bf16 autocast, ``channels_last_3d`` and both, and the downstream last stage +
    heads likewise; which bf16 units the CPU reports;
-8. k-shot fine-tuning of one init: the grouped (batched) trainer against the one-at-a-time loop (issue 23.3).
+8. k-shot fine-tuning of one init: the grouped (batched) trainer against the one-at-a-time loop (issue 23.3);
+9. screening throughput (issue 20): CTs per second through `screen`'s per-patient path (series QC, preprocessing,
+   ten calibrated risks) at the ``cpu`` profile's size, first pass (cold) and second pass (files in the OS cache).
 """
 
 from __future__ import annotations
@@ -395,7 +397,49 @@ def bench_kshot_batching(scale: Scale) -> dict:
             "speedup_grouped_vs_loop": loop / grouped}
 
 
+def bench_screening(scale: Scale, workdir: Path) -> dict:
+    """CTs per second through the screening path of one patient (QC + preprocessing + scoring), ``cpu`` profile
+    size, a randomly initialised network (throughput does not depend on the weights)."""
+    from xcardia.cohort.generate import generate_cohort
+    from xcardia.config import get_profile
+    from xcardia.data.manifest import load_manifest, resolve_ct_path
+    from xcardia.schema import LABELS
+    from xcardia.screening import ScreeningInput, _Prepared, score
+    from xcardia.bundle import ScreeningNetwork
+
+    profile = get_profile("cpu")
+    n = max(4, scale.preprocess_volumes)
+    cohort = replace(profile.cohort, n_patients=n, write_labelmap=False)
+    generate_cohort(workdir / "cohort", cohort, workers=1, progress=False)
+    manifest = load_manifest(workdir / "cohort")
+    inputs = [ScreeningInput(str(pid), resolve_ct_path(manifest, str(path)))
+              for pid, path in zip(manifest["patient_id"], manifest["ct_path"])]
+    torch.manual_seed(0)
+    none = {"method": "none"}
+    nan_point = {"threshold": None, "sensitivity": None, "specificity": None}
+    bundle = {"network": ScreeningNetwork(profile.model.image.to_dict()).eval(), "bank": None,
+              "inference": {"calibration": {t: none for t in LABELS},
+                            "operating_points": {t: {"sensitivity_90": nan_point, "specificity_90": nan_point}
+                                                 for t in LABELS}}}
+    prepared = _Prepared(inputs, profile.preprocess, ("error", "contrast"))
+
+    def one_pass():
+        for i in range(len(prepared)):
+            item = prepared[i]
+            if item["reason"] is None:
+                score(bundle, item["volume"])
+
+    t = time.perf_counter()
+    one_pass()
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    one_pass()
+    warm = time.perf_counter() - t
+    return {"cts": n, "cold_cts_per_s": n / cold, "warm_cts_per_s": n / warm}
+
+
 BENCHMARKS = {
+    "screening": bench_screening,
     "precision": lambda s, d: bench_precision(s),
     "kshot_batching": lambda s, d: bench_kshot_batching(s),
     "finetune_cache": lambda s, d: bench_finetune_cache(s),

@@ -17,10 +17,11 @@ def test_bench_runs_at_a_tiny_size_and_writes_json(tmp_path):
     assert "ratio_cold_vs_warm" in result.stdout and "(goal" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["benchmarks"]) == {"generation", "preprocessing", "clip_loss", "nw_head", "engine", "cost_model",
-                                           "finetune_cache", "precision", "kshot_batching"}
+                                           "finetune_cache", "precision", "kshot_batching", "screening"}
     precision = report["benchmarks"]["precision"]
     assert precision["encoder"]["speedup_bf16_channels_last_vs_fp32"] > 0 and "bf16_units" in precision
     assert report["benchmarks"]["kshot_batching"]["speedup_grouped_vs_loop"] > 0
+    assert report["benchmarks"]["screening"]["cold_cts_per_s"] > 0
     cost = report["benchmarks"]["cost_model"]
     assert cost["forward_gflops_per_sample"] > 0
     for check in cost["validation_small_shapes"]:
