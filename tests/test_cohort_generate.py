@@ -172,7 +172,8 @@ def test_every_generated_value_passes_the_validators_cell_checks(seed):
     rows = []
     for i in range(400):
         patient = sample_patient(seed, i)
-        rows.append({**patient.table, **patient.gt, "patient_id": patient.patient_id, "ct_path": "x.nii.gz",
+        rows.append({**patient.table, **patient.gt, "patient_id": patient.patient_id,
+                     "ct_path": f"ct/{patient.patient_id}.nii.gz",  # one CT per patient (the leakage check)
                      "split": "train"})
     columns = [c for c in manifest_columns(False) if c in rows[0] or c in ("patient_id", "ct_path", "split")]
     raw = pd.DataFrame(rows)[columns].map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
