@@ -476,3 +476,33 @@ def test_generate_refuses_sizes_that_would_allocate_petabytes_before_allocating(
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--n-patients", "2", flag, value, "--out", str(tmp_path / "c")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_unclear_messages_now_say_what_happened(tiny_cohort, tmp_path, capsys):
+    """Issue 22: a NUL byte is not 'UTF-16'; a symlink loop is not 'does not exist'; a series one folder down is not
+    'the folder is empty'; a CRLF-only re-save of the manifest is not a change of the cohort."""
+    import os
+
+    from xcardia.data.imaging import read_header
+    from xcardia.data.manifest import load_manifest
+    from xcardia.run_folder import cohort_fingerprint, describe_cohort_change
+
+    binary = tmp_path / "nul.csv"
+    binary.write_bytes(b"patient_id,ct_path,split\nP1,a.nii.gz,train\x00\n")
+    assert main(["validate", str(binary)]) in (1, 2)
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert "NUL bytes" in said and "UTF-16" not in said
+    loop = tmp_path / "loop.nii.gz"
+    os.symlink(loop, loop)
+    with pytest.raises(XcardiaError, match="symbolic link that leads nowhere"):
+        read_header(loop)
+    (tmp_path / "outer" / "inner").mkdir(parents=True)
+    with pytest.raises(XcardiaError, match="only the subfolder\\(s\\) inner"):
+        read_header(tmp_path / "outer")
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    before = cohort_fingerprint(load_manifest(cohort))
+    text = (cohort / "manifest.csv").read_bytes()
+    (cohort / "manifest.csv").write_bytes(text.replace(b"\n", b"\r\n"))
+    assert describe_cohort_change(before, cohort_fingerprint(load_manifest(cohort))) is None

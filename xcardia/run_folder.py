@@ -90,7 +90,10 @@ def cohort_fingerprint(manifest) -> dict:
     from xcardia.schema import LABELS
 
     path = Path(manifest.attrs["path"])
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    # the text with line endings and a BOM normalised: a CRLF-only re-save is not a change of the cohort
+    text_digest = hashlib.sha256(data.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")).hexdigest()
     ids = manifest["patient_id"].astype(str)
     split = manifest["split"].astype(str)
     labels = [c for c in LABELS if c in manifest.columns]
@@ -103,7 +106,7 @@ def cohort_fingerprint(manifest) -> dict:
             for pid, value in zip(ids, manifest[column]):
                 if isinstance(value, str) and value.strip():
                     image_ids[f"{pid}:{column}"] = image_identity(resolve_ct_path(manifest, value))
-    return {"manifest_sha256": digest, "rows": int(len(manifest)),
+    return {"manifest_sha256": digest, "manifest_text_sha256": text_digest, "rows": int(len(manifest)),
             "splits": hashlib.sha256(pd.Series(split.values, index=ids.values).sort_index().to_csv().encode()).hexdigest(),
             "ids": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
             "labels_sha256": hashlib.sha256(label_blob.encode()).hexdigest(),
@@ -115,7 +118,9 @@ def describe_cohort_change(before: dict | None, after: dict) -> str | None:
     """None when the cohort is the same; otherwise what changed, in words (naming up to three changed images)."""
     if not before:
         return None
-    if before.get("manifest_sha256") == after.get("manifest_sha256"):
+    same_text = before.get("manifest_text_sha256") is not None and \
+        before.get("manifest_text_sha256") == after.get("manifest_text_sha256")
+    if before.get("manifest_sha256") == after.get("manifest_sha256") or same_text:
         if "images" not in before or before.get("images") == after.get("images"):
             return None  # (a fingerprint written before images were recorded compares the manifest only)
         old, new = before.get("image_ids", {}), after.get("image_ids", {})

@@ -90,6 +90,9 @@ def read_header(path: str | os.PathLike) -> dict:
     """
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            raise XcardiaError(f"{p} is a symbolic link that leads nowhere (a loop or a dangling link); point "
+                               f"ct_path at the image itself")
         raise XcardiaError(f"{p} does not exist")
     if not (p.is_file() or p.is_dir()):  # a FIFO or a device would block or never end
         raise XcardiaError(f"{p} is not a regular file or a DICOM folder (a pipe or a device?); point ct_path at "
@@ -109,6 +112,10 @@ def read_header(path: str | os.PathLike) -> dict:
 
             files = sorted(f for f in p.iterdir() if f.is_file())
             if not files:
+                subfolders = sorted(f.name for f in p.iterdir() if f.is_dir())
+                if subfolders:
+                    raise XcardiaError(f"{p}: holds no files, only the subfolder(s) {', '.join(subfolders[:3])}; "
+                                       f"point ct_path at the folder that holds the series' .dcm files")
                 raise XcardiaError(f"{p}: the DICOM folder is empty")
             ds = pydicom.dcmread(files[0], stop_before_pixels=True)
             shape = (int(ds.Rows), int(ds.Columns), len(files))

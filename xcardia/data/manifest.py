@@ -45,9 +45,15 @@ def manifest_file(path: str | os.PathLike) -> Path:
 
 def read_manifest_text(p: Path) -> pd.DataFrame:
     """The manifest's cells as strings, or a clear error for the usual export mistakes (encoding, separator)."""
-    head = p.read_bytes()[:4096]
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+    with open(p, "rb") as handle:
+        head = handle.read(4096)
+    utf16 = head.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+        len(head) > 8 and (head[1::2].count(0) > 0.4 * len(head[1::2]) or head[0::2].count(0) > 0.4 * len(head[0::2])))
+    if utf16:  # a BOM, or every other byte NUL: UTF-16 text
         raise XcardiaError(f"{p}: the file is UTF-16 (a spreadsheet's 'Unicode text' export); save it as CSV UTF-8")
+    if b"\x00" in head:
+        raise XcardiaError(f"{p}: the file holds NUL bytes at byte {head.index(0)} (binary data, or a damaged file); "
+                           f"pass the manifest CSV as text")
     try:
         raw = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except UnicodeDecodeError:
