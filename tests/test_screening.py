@@ -123,8 +123,13 @@ def test_screening_the_test_split_reproduces_the_paper_protocols_test_prediction
     expected = pd.DataFrame(reference[("paper", "scratch_s0", 1.0, 123)], columns=[f"raw_{t}" for t in LABELS])
     expected["patient_id"] = manifest.loc[manifest["split"] == "test", "patient_id"].astype(str).to_numpy()
     joined = passed.merge(expected, on="patient_id", suffixes=("", "_04"))
+    compared = 0
     for t in LABELS:
+        if joined[f"raw_{t}_04"].isna().all():  # notebook 04 does not score a task without training positives
+            continue
         np.testing.assert_allclose(joined[f"raw_{t}"], joined[f"raw_{t}_04"], rtol=1e-5, atol=1e-6)
+        compared += 1
+    assert compared >= 3  # the tiny cohort's 10 training patients have both classes for three tasks
     before = {p: p.stat().st_mtime_ns for p in (out / "patients").iterdir()}
     assert main(["screen", "--model", str(bundle_dir), "--data", str(labels_free), "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "patients").iterdir()} == before  # resumed: nothing redone

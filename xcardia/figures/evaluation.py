@@ -40,7 +40,7 @@ def plot_roc_curves(y_test: np.ndarray, predictions: dict, protocol: str, inits,
             if not runs:
                 continue
             score = np.mean(runs, axis=0)[:, t]
-            keep = ~np.isnan(y)
+            keep = ~np.isnan(y) & ~np.isnan(score)  # a task skipped for want of training positives has no scores
             if len(np.unique(y[keep])) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y[keep], score[keep])
