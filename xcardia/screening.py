@@ -207,7 +207,6 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
 
     from xcardia import __version__
     from xcardia.bundle import load_bundle
-    from xcardia.data.imaging import preprocess_ct
     from xcardia.run_folder import RunLock
 
     bundle = load_bundle(model_dir)
