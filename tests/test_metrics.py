@@ -109,3 +109,33 @@ def test_macro_auroc_ci_and_paired_macro_difference_with_missing_labels():
     assert macro["ci_low"] < macro["auroc"] < macro["ci_high"]
     diff = paired_bootstrap_macro_difference(y, good, bad, n_boot=200)
     assert diff["difference"] > 0 and diff["ci_low"] > 0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_resampled_auroc_from_draw_counts_equals_the_auroc_of_each_resample(ties):
+    """The bootstrap's fast path (one matrix product over draw counts, and +inf ranks for unlabelled patients)
+    gives, resample by resample, the AUROC scikit-learn gives on that resample's labelled patients."""
+    from xcardia.metrics import _auroc_masked, _resampled_auroc, bootstrap_indices, resample_counts
+
+    rng = np.random.default_rng(11)
+    n = 70
+    y = (rng.random(n) < 0.3).astype(float)
+    y[rng.random(n) < 0.25] = np.nan
+    s = rng.integers(0, 4, n).astype(float) if ties else rng.random(n)
+    idx = bootstrap_indices(n, 60, seed=5)
+    fast = _resampled_auroc(y, s, idx, resample_counts(idx, n))
+    ranked = _auroc_masked(y[idx], s[idx])
+    slow = np.array([auroc(y[i], s[i]) for i in idx])
+    np.testing.assert_array_equal(fast, ranked)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+    assert np.isfinite(fast).all()
+
+
+def test_resampled_auroc_is_nan_when_a_drawn_labelled_patient_has_no_score():
+    from xcardia.metrics import _resampled_auroc, resample_counts
+
+    y = np.array([1.0, 0.0, 1.0, 0.0, np.nan])
+    s = np.array([0.9, 0.1, np.nan, 0.2, 0.5])
+    idx = np.array([[0, 1, 3, 3, 4], [0, 1, 2, 3, 4]])
+    out = _resampled_auroc(y, s, idx, resample_counts(idx, 5))
+    assert out[0] == 1.0 and np.isnan(out[1])

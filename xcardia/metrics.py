@@ -157,12 +157,13 @@ def mean_ci(values, alpha: float = 0.05, bounds: tuple[float, float] | None = No
 def _macro_boots(y: np.ndarray, s: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray, int]:
     """Macro AUROC of runs ``s`` (S, n, T) and its value on each bootstrap resample ``idx`` (B, n)."""
     point, boots = [], []
+    counts = resample_counts(idx, y.shape[0])
     for t in range(y.shape[1]):
         keep = ~np.isnan(y[:, t])
         if (y[keep, t] == 1).sum() == 0 or (y[keep, t] == 0).sum() == 0 or np.isnan(s[:, :, t]).all():
             continue  # a task without both classes in test, or without any score, is left out of the macro mean
         point.append(np.mean([auroc(y[:, t], run[:, t]) for run in s]))
-        boots.append(np.mean([_auroc_masked(y[idx, t], run[idx, t]) for run in s], axis=0))
+        boots.append(np.mean([_resampled_auroc(y[:, t], run[:, t], idx, counts) for run in s], axis=0))
     if not point:
         return math.nan, np.full(idx.shape[0], np.nan), 0
     return float(np.mean(point)), np.nanmean(np.stack(boots), axis=0), len(point)
@@ -202,15 +203,57 @@ def paired_bootstrap_macro_difference(y_true: np.ndarray, scores_a, scores_b, n_
     return out
 
 
+def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """(B, n) how often each patient appears in each bootstrap resample ``idx`` (B, n)."""
+    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+    return np.bincount(rows * n + idx.ravel(), minlength=idx.shape[0] * n).reshape(idx.shape[0], n).astype(float)
+
+
+def _resampled_auroc(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC of one task on every bootstrap resample, from how often each patient was drawn.
+
+    A resample's Mann–Whitney U is Σ_{i pos, j neg} c_i c_j (1[s_i > s_j] + ½ 1[s_i = s_j]) with c the draw counts,
+    so all B resamples are one (B, P)·(P, N)·(N, B) product over the labelled patients instead of B rankings;
+    U and the class counts are sums of halves and integers, so the result is the same number
+    :func:`_auroc_masked` gives on ``labels[idx]``, ``scores[idx]`` (checked in ``tests/test_metrics.py``). A NaN
+    score among labelled patients takes the ranking path, which gives NaN wherever such a patient was drawn.
+    """
+    labels = np.asarray(labels, dtype=float)
+    scores = np.asarray(scores, dtype=float)
+    labelled = ~np.isnan(labels)
+    if np.isnan(scores[labelled]).any():
+        return _auroc_masked(labels[idx], scores[idx])
+    pos, neg = labelled & (labels == 1), labelled & (labels == 0)
+    sp, sn = scores[pos], scores[neg]
+    kernel = (sp[:, None] > sn[None, :]).astype(float) + 0.5 * (sp[:, None] == sn[None, :])
+    cp, cn = counts[:, pos], counts[:, neg]
+    u = np.einsum("bj,bj->b", cp @ kernel, cn)
+    n_pos, n_neg = cp.sum(axis=1), cn.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
 def _auroc_masked(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Row-wise AUROC where NaN labels are left out (loop over rows; used where labels can be missing)."""
-    if not np.isnan(labels).any():
+    """Row-wise AUROC where NaN labels are left out, vectorised over rows (bootstrap resamples).
+
+    An unlabelled patient's score is set to +inf before ranking, so it ranks after every labelled one and leaves
+    their mid-ranks exactly as if it had been removed; its label counts as neither class. The result equals
+    :func:`auroc_many` on each row's labelled patients (``tests/test_metrics.py`` checks it row by row); a NaN
+    score among labelled patients gives NaN, as before.
+    """
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, dtype=float)
+    missing = np.isnan(labels)
+    if not missing.any():
         return auroc_many(labels, scores)
-    out = np.empty(labels.shape[0])
-    for i in range(labels.shape[0]):
-        keep = ~np.isnan(labels[i])
-        out[i] = auroc_many(labels[i, keep][None], scores[i, keep][None])[0]
-    return out
+    ranks = rankdata(np.where(missing, np.inf, np.asarray(scores, dtype=float)), axis=1)
+    y = np.where(missing, 0.0, labels)
+    n_pos = y.sum(axis=1)
+    n_neg = (~missing).sum(axis=1) - n_pos
+    u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
 def two_level_interval(per_seed: np.ndarray, boots: np.ndarray, alpha: float = 0.05,
