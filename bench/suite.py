@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xcardia.precision import cpu_bf16_units
+
 
 def _sibling(name: str):
     """A module of this folder, loaded by path (the suite runs as a script or through ``python -m xcardia bench``,
@@ -297,15 +299,6 @@ def bench_finetune_cache(scale: Scale) -> dict:
     recomputed = median_time(lambda: epoch(True), scale.repeats)
     return {"patients": n, "cached_epoch_s": cached, "recomputed_epoch_s": recomputed,
             "speedup_cached_vs_recomputed": recomputed / cached}
-
-
-def cpu_bf16_units() -> list[str]:
-    """The bf16 matrix/vector units this CPU reports (``/proc/cpuinfo`` flags): amx_bf16, avx512_bf16."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ("amx_bf16", "amx_tile", "avx512_bf16") if f" {f}" in flags]
 
 
 def bench_precision(scale: Scale) -> dict:

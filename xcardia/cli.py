@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, help="per process")
     t.add_argument("--workers", type=_workers, help="data loader processes (capped at the CPU count)")
     t.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bfloat16 autocast (on a CPU only where it has bf16 units; default: the profile's)")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels_last_3d memory layout (default: the profile's)")
     t.add_argument("--activation-checkpointing", action="store_true", help="GPU: recompute ResNet stages")
     t.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
 
@@ -262,7 +266,8 @@ def _cmd_pretrain(args) -> int:
 
     profile = get_profile(args.profile)
     overrides = {"epochs": args.epochs, "seed": args.seed, "variant": args.variant, "nw_query": args.nw_query,
-                 "bank": args.bank, "batch_size": args.batch_size, "num_workers": args.workers}
+                 "bank": args.bank, "batch_size": args.batch_size, "num_workers": args.workers,
+                 "bf16": args.bf16, "channels_last": args.channels_last}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True
     if args.compile:

@@ -51,6 +51,7 @@ from xcardia.metrics import concept_metrics
 from xcardia.models.tabular_encoder import DEFAULT_TABULAR_COLUMNS, TabularPreprocessor, scarf_corrupt
 from xcardia.models.weights import save_encoder
 from xcardia.models.xcardia_model import ModelSpec, XCardiaModel
+from xcardia.precision import Precision, plan
 from xcardia.atomic import to_jsonable
 from xcardia.run_folder import RunFolder, cohort_fingerprint, describe_cohort_change
 from xcardia.support_bank import QueueBank, SupportBank, build_kmeans_bank, step_support
@@ -257,6 +258,7 @@ class _Run:
     embed_val: _Embedder
     queue: QueueBank | None = None
     bank: SupportBank | None = None
+    precision: Precision | None = None
     history: list = None
     best: dict = None
     start_epoch: int = 0
@@ -351,9 +353,10 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
     val_ds.warm(shard(len(val_ds)) if not spec.in_memory else None, progress and main, "preprocessing validation CTs")
     barrier()
 
-    model = XCardiaModel(model_spec, len(pre.columns)).to(device)
-    if cuda and spec.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    precision = plan(device, spec.bf16, spec.channels_last)
+    if main and progress:
+        say(f"[pretrain] precision: {precision.description}")
+    model = precision.model(XCardiaModel(model_spec, len(pre.columns)).to(device))
     model.image_encoder.checkpoint_stages = bool(cuda and spec.activation_checkpointing)
     if spec.clip_weight == 0 and spec.nw_query == "image":  # nothing reaches the tabular tower: keep it frozen
         for module in (model.tabular_encoder, model.tabular_projection):
@@ -365,8 +368,7 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
                                   weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=spec.restart_period,
                                                                      T_mult=spec.restart_mult, eta_min=spec.min_lr)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and spec.bf16) else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    autocast = precision.autocast
     sampler = DistributedSampler(train_ds, num_replicas=world_size(), rank=rank(), shuffle=True, seed=spec.seed,
                                  drop_last=True)
     loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers,
@@ -374,7 +376,7 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
                         generator=torch.Generator().manual_seed(spec.seed))
     run = _Run(folder=folder, spec=spec, model_spec=model_spec, preprocess=preprocess, config=config,
                fingerprint=fingerprint, device=device, model=model, forward=forward, optimizer=optimizer,
-               scheduler=scheduler, autocast=autocast, pre=pre, train_rows=train_rows, train_ds=train_ds,
+               scheduler=scheduler, autocast=autocast, precision=precision, pre=pre, train_rows=train_rows, train_ds=train_ds,
                plain_ds=plain_ds, val_ds=val_ds, sampler=sampler, loader=loader,
                embed_train=_Embedder(plain_ds, max(spec.batch_size, 16), device, spec.num_workers),
                embed_val=_Embedder(val_ds, max(spec.batch_size, 16), device, spec.num_workers),
@@ -420,8 +422,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool, on_step=None) -> tupl
     for step, batch in enumerate(bar):
         wait += time.perf_counter() - t_ready
         image = batch["image"].to(device, non_blocking=True)
-        if run.cuda and spec.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
+        image = run.precision.batch(image)
         values, missing = batch["tab_values"].to(device), batch["tab_missing"].to(device)
         concepts = batch["concepts"].to(device)
         if spec.scarf_rate > 0:

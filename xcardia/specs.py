@@ -38,7 +38,9 @@ class PretrainSpec:
         augment: small affine and noise augmentation of the CT (off, as the public code's default).
         num_workers: data loader processes.
         in_memory: keep preprocessed CTs in RAM (CPU-sized profiles).
-        bf16, channels_last, activation_checkpointing, compile: GPU options (ignored on CPU).
+        bf16, channels_last: bfloat16 autocast and the ``channels_last_3d`` layout (on a CPU, bf16 only where it
+            reports bf16 units: :mod:`xcardia.precision`).
+        activation_checkpointing, compile: GPU options (ignored on CPU).
         seed: everything random (initialisation, order, augmentation, k-means).
     """
 
