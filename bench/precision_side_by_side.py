@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from xcardia.config import get_profile
+    from xcardia.errors import XcardiaError
     from xcardia.finetune import fewshot_experiment
     from xcardia.precision import plan
     from xcardia.reporting import macro_per_seed
@@ -69,7 +70,11 @@ def main(argv=None) -> int:
     inits = {}
     for arm, flags in ARMS.items():
         started = time.perf_counter()
-        path = pretrain_profile_run(profile, args.run, args.data, out / arm, progress=False, **flags)
+        try:
+            path = pretrain_profile_run(profile, args.run, args.data, out / arm, progress=False, **flags)
+        except XcardiaError as exc:  # e.g. the loss became NaN: that arm fails every check
+            result["arms"][arm] = {"diverged": str(exc)}
+            continue
         folder = RunFolder(path)
         info, log = folder.info(), folder.log()
         result["arms"][arm] = {
@@ -81,6 +86,15 @@ def main(argv=None) -> int:
             "val_concept_map": [round(float(v), 4) for v in log["val_concept_map"]],
         }
         inits[f"{arm}_s{seed_suffix}"] = str(path)
+    diverged = [arm for arm, row in result["arms"].items() if "diverged" in row]
+    if diverged:
+        result["verdict"] = "stay fp32"
+        for arm in diverged:
+            print(f"{arm}: training diverged — {result['arms'][arm]['diverged']}")
+        print(f"verdict: {result['verdict']} (a run that diverges keeps no result)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     spec = replace(profile.finetune, ks=(5,), kshot_paper_ks=(5,))
     records, _, _ = fewshot_experiment(profile, args.data, inits, out / "fewshot", spec=spec, log=lambda *_: None)
     per_seed = macro_per_seed(records)

@@ -431,7 +431,43 @@ def bench_screening(scale: Scale, workdir: Path) -> dict:
     return {"cts": n, "cold_cts_per_s": n / cold, "warm_cts_per_s": n / warm}
 
 
+def bench_bootstrap(scale: Scale) -> dict:
+    """The paired seed-aware interval of notebooks 04/05 (3 seeds × 2 arms × runs × 10 tasks, 1,000 patient
+    resamples, missing labels): the draw-count path of :mod:`xcardia.metrics` against the previous path, which ranked
+    every resample and looped over resamples whenever a task had unlabelled patients (kept here as the baseline).
+    Both give the same interval to the last bit (checked here)."""
+    from unittest import mock
+
+    from xcardia import metrics
+
+    rng = np.random.default_rng(0)
+    n, tasks, runs, seeds = (240, 10, 3, 3) if scale.name != "tiny" else (80, 4, 2, 2)
+    y = (rng.random((n, tasks)) < 0.3).astype(float)
+    y[rng.random((n, tasks)) < 0.2] = np.nan
+    arms = [[rng.random((runs, n, tasks)) for _ in range(seeds)] for _ in range(2)]
+
+    def previous(labels, scores, idx, counts):  # one ranking per resample, a Python loop over resamples
+        labels, scores = labels[idx], scores[idx]
+        out = np.empty(labels.shape[0])
+        for i in range(labels.shape[0]):
+            keep = ~np.isnan(labels[i])
+            out[i] = metrics.auroc_many(labels[i, keep][None], scores[i, keep][None])[0]
+        return out
+
+    interval = lambda: metrics.seed_aware_interval(y, arms[0], arms[1], n_boot=1000, seed=0)  # noqa: E731
+    repeats = max(1, scale.repeats // 2)
+    fast = median_time(interval, repeats)
+    fast_result = interval()
+    with mock.patch.object(metrics, "_resampled_auroc", previous):
+        slow = median_time(interval, 1, warmup=0)
+        slow_result = interval()
+    return {"patients": n, "tasks": tasks, "runs_per_seed": runs, "seeds": seeds, "interval_s": fast,
+            "previous_interval_s": slow, "speedup_vs_previous": slow / fast,
+            "identical_to_previous": fast_result == slow_result}
+
+
 BENCHMARKS = {
+    "bootstrap": lambda s, d: bench_bootstrap(s),
     "screening": bench_screening,
     "precision": lambda s, d: bench_precision(s),
     "kshot_batching": lambda s, d: bench_kshot_batching(s),

@@ -139,6 +139,12 @@ def test_saliency_inside_the_heart_works_from_a_heart_mask_column(tiny_cohort, t
     study = saliency_study(profile, manifest, {"scratch": "scratch"}, tmp_path / "cache", n_patients=3, n_boot=10)
     heart = study["table"][study["table"]["region"] == "heart"]
     assert len(heart) == 2 and heart["volume_share"].between(0.01, 0.9).all()
+    # the example CT comes back in HU (the network saw the HU window mapped to [−1, 1]): a mediastinal window shows
+    # air, soft tissue and the heart in different greys, not one flat grey
+    volume = study["volume"]
+    lo, hi = profile.preprocess.hu_window
+    assert volume.min() == pytest.approx(lo, abs=1.0) and volume.max() > 100
+    assert np.median(volume[study["heart"]]) > 0 > np.percentile(volume, 5)
 
 
 def test_cross_modal_pca_reads_alignment_as_matched_over_unmatched_cosine_and_a_gap_between_clouds():

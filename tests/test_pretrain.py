@@ -256,3 +256,28 @@ def test_sigterm_ends_a_run_with_one_line_saying_how_to_continue(tiny_cohort, tm
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 143, result.stderr[-2000:]
     assert "terminated (SIGTERM); --resume continues" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_diverging_loss_stops_with_one_message_and_leaves_the_last_checkpoint_untouched(tiny_cohort, tmp_path,
+                                                                                          monkeypatch):
+    """A NaN loss (here planted in epoch 2) stops training before the optimiser writes it into the weights, with a
+    message naming the epoch, the step and the precision — not a traceback from k-means three calls later."""
+    import xcardia.pretrain as engine
+
+    model, spec, pre = tiny_pretrain_specs("xcardia", epochs=3)
+    real = engine.pretraining_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] > steps_per_epoch else (loss, parts)
+
+    one = pretrain(tiny_cohort, tmp_path / "probe", model, PretrainSpec(**{**spec.__dict__, "epochs": 1}), pre,
+                   cache_dir=tmp_path / "cache", **QUIET)
+    steps_per_epoch = int(read_log(one)["step"].iloc[-1])
+    monkeypatch.setattr(engine, "pretraining_loss", poisoned)
+    with pytest.raises(XcardiaError, match=r"training loss is nan at epoch 2, step 1 \(fp32\).*untouched"):
+        pretrain(tiny_cohort, tmp_path / "run", model, spec, pre, cache_dir=tmp_path / "cache", **QUIET)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())

@@ -38,7 +38,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def to_jsonable(value):
-    """Plain JSON types: numpy scalars/arrays → Python, NaN/inf → None, tuples → lists, Paths → str."""
+    """Plain JSON types: numpy scalars/arrays → Python, NaN/inf/pd.NA → None, tuples → lists, Paths → str."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -54,6 +54,8 @@ def to_jsonable(value):
         return bool(value)
     if isinstance(value, Path):
         return str(value)
+    if type(value).__name__ == "NAType":  # pandas' missing value of a nullable column (e.g. Int64)
+        return None
     if hasattr(value, "to_dict") and callable(value.to_dict):
         return to_jsonable(value.to_dict())
     return value

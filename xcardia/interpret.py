@@ -373,5 +373,7 @@ def saliency_study(profile, manifest: pd.DataFrame, inits: dict[str, str], cache
         maps = saliency_maps(model, volumes)
         tables.append(heart_share_table(maps, labelmaps, n_boot=n_boot, seed=seed).assign(init=name))
         examples[name] = {method: m[0] for method, m in maps.items()}
+    lo, hi = profile.preprocess.hu_window  # the network's input is the HU window mapped to [−1, 1]: back to HU,
+    hu = lo + (volumes[0, 0].numpy() + 1.0) / 2.0 * (hi - lo)  # so that figures window it like every other CT
     return {"table": pd.concat(tables, ignore_index=True), "examples": examples, "rows": chosen,
-            "volume": volumes[0, 0].numpy(), "heart": np.isin(labelmaps[0], HEART_LABELS)}
+            "volume": hu.astype(np.float32), "heart": np.isin(labelmaps[0], HEART_LABELS)}

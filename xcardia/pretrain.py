@@ -438,10 +438,18 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool, on_step=None) -> tupl
                 sums[key] += parts[key].item()
         if run.queue is not None and "query" in parts:
             run.queue.enqueue(parts["query"].detach(), concepts, batch["index"].to(device))
+        value = loss.item()
+        if not math.isfinite(value):  # stop before the step writes NaN into the weights; the checkpoint stays
+            raise XcardiaError(
+                f"the training loss is {value} at epoch {epoch + 1}, step {step + 1} ({run.precision.description}): "
+                "training diverged. "
+                + (f"The checkpoint of the last complete epoch in {run.folder.path} is untouched; "
+                   if run.folder.checkpoint.exists() else "No epoch had completed, so nothing was saved; ")
+                + ("train in fp32 (--no-bf16), or " if run.precision.bf16 else "") + "lower --lr and start again")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        sums["loss"] += loss.item()
+        sums["loss"] += value
         n_batches += 1
         run.step_count += 1
         if on_step is not None:
@@ -628,7 +636,8 @@ def pretrain_profile_run(profile, name: str, data, runs_dir: str | os.PathLike, 
 
 def pretraining_selection_table(runs: dict):
     """Per run: the epoch the paper's rule selected (as ``run.json`` records it — never recomputed), its fused and
-    image-only validation concept AUROC, the same at the last epoch, and the final NW τ."""
+    image-only validation concept AUROC, the same at the last epoch, and the final NW τ (none for CLIP runs,
+    which have no NW head; their concept AUROC is the NW read-out of embeddings CLIP alone trained)."""
     import pandas as pd
 
     rows = {}
@@ -646,5 +655,7 @@ def pretraining_selection_table(runs: dict):
                       "val_image_query_auroc_at_best": get(at_best, "val_image_query_concept_auroc"),
                       "val_concept_auroc_last": get(last, "val_concept_auroc"),
                       "val_image_query_auroc_last": get(last, "val_image_query_concept_auroc"),
-                      "final_nw_tau": get(last, "nw_temperature")}
-    return pd.DataFrame(rows).T.astype({"seed": int, "epochs": int})
+                      # a CLIP run has no NW head: its τ column is the unused initial value, not a result
+                      "final_nw_tau": math.nan if info["config"]["pretrain"]["method"] == "clip"
+                      else get(last, "nw_temperature")}
+    return pd.DataFrame(rows).T.astype({"seed": int, "epochs": int, "best_epoch": "Int64"})

@@ -49,7 +49,7 @@ def plot_roc_curves(y_test: np.ndarray, predictions: dict, protocol: str, inits,
         n_pos = int(np.nansum(y == 1))
         ax.set_title(f"{LABEL_SHORT[LABELS[t]]} (n+ = {n_pos})", fontsize=9)
         ax.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=8)
     fig.supxlabel("false positive rate")
     fig.supylabel("true positive rate")
     fig.tight_layout()

@@ -85,13 +85,14 @@ def plot_cross_modal_pca(maps: dict[str, dict]):
 def plot_nw_explanations(query_volumes, query_titles, support_volumes, support_titles):
     """One row per query: its CT, then its top supports titled with their weights and concepts."""
     n_q, n_s = len(query_volumes), len(support_volumes[0])
-    fig, axes = plt.subplots(n_q, n_s + 1, figsize=(2.2 * (n_s + 1), 2.5 * n_q), squeeze=False)
+    lines = max(str(t).count("\n") + 1 for t in [*query_titles, *(t for row in support_titles for t in row)])
+    fig, axes = plt.subplots(n_q, n_s + 1, figsize=(2.3 * (n_s + 1), 2.2 * n_q + 0.17 * lines * n_q), squeeze=False)
     lo, hi = window_limits("mediastinal")
     for r in range(n_q):
         for c, (volume, title) in enumerate(zip([query_volumes[r], *support_volumes[r]], [query_titles[r], *support_titles[r]])):
             ax = axes[r, c]
             ax.imshow(radiological_slices(volume, tuple(s // 2 for s in volume.shape))["axial"], cmap="gray", vmin=lo, vmax=hi)
-            ax.set_title(title, fontsize=7)
+            ax.set_title(title, fontsize=9, loc="left")
             ax.axis("off")
     fig.tight_layout()
     return fig
@@ -142,10 +143,12 @@ def plot_saliency_example(volume: np.ndarray, heart: np.ndarray, maps: dict[str,
     return fig
 
 
-def nw_explorer(explain, load_volume, n_test: int, interactive: bool):
-    """Pick a test patient → its NW prediction, its top supports with their weights and concepts, and the CT slices
-    of query and supports. ``explain(position)`` returns one entry of :func:`xcardia.interpret.nw_explanations`;
-    ``load_volume(row)`` a CT. Headless (or without ipywidgets) it returns None: the static figure above stands in."""
+def nw_explorer(explain, load_volume, n_test: int, interactive: bool, runs: list[str] | None = None):
+    """Pick a pretraining run and a test patient → its NW prediction, its top supports with their weights and
+    concepts, and the CT slices of query and supports. ``explain(run, position)`` returns one entry of
+    :func:`xcardia.interpret.nw_explanations`; ``load_volume(row)`` a CT; ``runs`` the selectable runs, the first
+    the default (put the learned-τ run first: at the paper's τ = 1 every patient gets nearly the same weights and
+    the explorer looks stuck). Headless (or without ipywidgets) it returns None: the static figure stands in."""
     if not interactive:
         return None
     try:
@@ -153,18 +156,28 @@ def nw_explorer(explain, load_volume, n_test: int, interactive: bool):
     except ImportError:
         return None
     short = ["IVSd", "LVPWd", "LVIDd", "LVIDs"]
+    runs = list(runs or [None])
 
     def fmt(values):
-        return ", ".join(f"{s} {'–' if np.isnan(v) else f'{v:.2f}'}" for s, v in zip(short, values))
+        return "\n".join(f"{s} {'–' if np.isnan(v) else f'{v:.2f}'}" for s, v in zip(short, values))
 
-    def show(test_patient: int):
-        e = explain(test_patient)
+    def show(run, test_patient: int):
+        e = explain(run, test_patient)
         supports = e["supports"]
-        fig = plot_nw_explanations([load_volume(e["row"])], [f"query: predicted {fmt(e['prediction'])}\ntruth {fmt(e['truth'])}"],
+        fig = plot_nw_explanations([load_volume(e["row"])], [f"query (test {test_patient})\npredicted | truth\n"
+                                                             + "\n".join(f"{s} {p:.2f} | {'–' if np.isnan(t) else f'{t:.2f}'}"
+                                                                         for s, p, t in zip(short, e["prediction"], e["truth"]))],
                                    [[load_volume(s["row"]) for s in supports]],
                                    [[f"w = {s['weight']:.2f}\n{fmt(s['concepts'])}" for s in supports]])
+        fig.suptitle(f"{run or 'NW head'}: the {len(supports)} heaviest supports (w of the whole bank sums to 1)",
+                     fontsize=10)
+        fig.tight_layout()
         plt.show()
         return fig
 
-    return widgets.interactive(show, test_patient=widgets.IntSlider(min=0, max=max(n_test - 1, 0), value=0,
-                                                                    description="test patient"))
+    controls = {"test_patient": widgets.IntSlider(min=0, max=max(n_test - 1, 0), value=0, description="test patient")}
+    if runs != [None]:
+        controls = {"run": widgets.Dropdown(options=runs, value=runs[0], description="run"), **controls}
+    else:
+        controls = {"run": widgets.fixed(None), **controls}
+    return widgets.interactive(show, **controls)

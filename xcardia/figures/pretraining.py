@@ -11,6 +11,29 @@ from xcardia.schema import CONCEPT_NAMES
 from xcardia.figures import method_colour, radiological_slices, window_limits
 
 
+#: markers and line styles cycled per run, so that runs drawn on top of each other stay visible
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for the whole figure, under the panels, so that it never covers a line."""
+    handles, labels = {}, []
+    for ax in np.ravel(axes):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    if not labels:
+        fig.tight_layout()
+        return
+    ncol = min(len(labels), 3)
+    rows = -(-len(labels) // ncol)
+    fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, min(0.28 * rows / height, 0.45), 1, 1))
+
+
 def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log_y: bool = False, columns: int = 2):
     """One panel per (log column, title), one line per run against the epoch; at most ``columns`` panels a row so
     the figure reads at 100 % in a ~1,100 px notebook column."""
@@ -20,17 +43,17 @@ def _per_epoch(logs: dict[str, pd.DataFrame], panels: list[tuple[str, str]], log
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (column, title) in zip(axes.flat, panels):
-        for name, log in logs.items():
+        for i, (name, log) in enumerate(logs.items()):
             if column in log and log[column].notna().any() and not (log[column] == 0).all():  # a loss a run never uses
-                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name, color=method_colour(name))
+                ax.plot(log["epoch"], log[column], marker=MARKERS[i % len(MARKERS)], ms=4, label=name,
+                        color=method_colour(name), ls=LINESTYLES[i % len(LINESTYLES)], alpha=0.9)
         if log_y:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.tick_params(labelsize=9)
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    _legend_below(fig, axes)
     return fig
 
 
@@ -47,15 +70,17 @@ def plot_temperatures(logs: dict[str, pd.DataFrame]):
 
     fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.0))
     for ax, column, title in ((axes[0], "clip_temperature", "CLIP temperature τ"), (axes[1], "nw_temperature", "NW temperature τ")):
-        for name, log in _merge_identical(logs, column).items():
+        for i, (name, log) in enumerate(_merge_identical(logs, column).items()):
             if column in log and log[column].notna().any():
-                ax.plot(log["epoch"], log[column], marker="o", ms=3, label=name, color=method_colour(name))
+                ax.plot(log["epoch"], log[column], marker=MARKERS[i % len(MARKERS)], ms=4, label=name,
+                        color=method_colour(name.split(" = ")[0]), ls=LINESTYLES[i % len(LINESTYLES)], alpha=0.9)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.3), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -77,12 +102,12 @@ def plot_concept_metrics(logs: dict[str, pd.DataFrame]):
     return fig
 
 
-def plot_bank_exemplars(volumes: list[np.ndarray], concepts: pd.DataFrame, max_columns: int = 10):
+def plot_bank_exemplars(volumes: list[np.ndarray], concepts: pd.DataFrame, max_columns: int = 6):
     """Axial slice through the middle of each exemplar's CT, titled with its abnormal concepts."""
-    n = min(len(volumes), max_columns * 2)
+    n = min(len(volumes), max_columns * 4)
     cols = min(n, max_columns)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.4 * rows), squeeze=False)
     lo, hi = window_limits("mediastinal")
     short = {c: c.replace("concept_", "").replace("_abnormal", "") for c in CONCEPT_NAMES}
     for ax in axes.flat:
@@ -91,7 +116,7 @@ def plot_bank_exemplars(volumes: list[np.ndarray], concepts: pd.DataFrame, max_c
         centre = tuple(s // 2 for s in volume.shape)
         ax.imshow(radiological_slices(volume, centre)["axial"], cmap="gray", vmin=lo, vmax=hi)
         abnormal = [short[c] for c in CONCEPT_NAMES if row[c] == 1]
-        ax.set_title(", ".join(abnormal) or "none abnormal", fontsize=7)
+        ax.set_title("\n".join(abnormal) or "none abnormal", fontsize=9)  # one per line: never into the next panel
     fig.tight_layout()
     return fig
 
@@ -124,6 +149,6 @@ def plot_nw_weights(weights: dict[str, np.ndarray], max_queries: int = 3):
         ax.set_xlabel("support exemplar")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.flat[0].set_ylabel("NW weight")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
