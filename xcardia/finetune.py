@@ -423,7 +423,7 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
     """The paper's sweep: every init × fraction × seed with the ``paper`` protocol and the linear probe, plus the
     ``scratch_all`` baseline on its fractions. Returns the per-task records and test predictions keyed by
     ``(protocol, init, fraction, seed)``."""
-    from tqdm.auto import tqdm
+    from xcardia.progress import bar as tqdm
 
     spec, y_test, records, predictions = exp.spec, exp.test_labels(), [], {}
     train, val, test = labelled_rows(exp.labels, exp.rows["train"]), exp.rows["val"], exp.rows["test"]
@@ -472,7 +472,7 @@ def run_kshot(exp: Experiment, log=print, progress: bool = False) -> tuple[pd.Da
     pretraining seed (draw d of seed K uses :func:`kshot_draw_seed`), the same subsets for every init of a seed.
     Returns records, test predictions keyed by ``(protocol, init, k, draw, task)``, and the sampled patient ids
     ``{"sK": {task: {k: {draw: [ids]}}}}``."""
-    from tqdm.auto import tqdm
+    from xcardia.progress import bar as tqdm
 
     from xcardia.reporting import seed_of
 

@@ -408,7 +408,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool, on_step=None) -> tupl
     """One pass over the training patients: the objective of :func:`xcardia.losses.pretraining_loss` on every
     batch, the bank chosen per step by :func:`xcardia.support_bank.step_support`. Returns the summed losses, the
     number of batches, the seconds spent waiting for data and the epoch's start time."""
-    from tqdm.auto import tqdm
+    from xcardia.progress import bar as tqdm
 
     spec, model, device = run.spec, run.model, run.device
     model.train()

@@ -203,7 +203,7 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
     Returns:
         ``out_dir``.
     """
-    from tqdm.auto import tqdm
+    from xcardia.progress import bar as tqdm
 
     from xcardia import __version__
     from xcardia.bundle import load_bundle

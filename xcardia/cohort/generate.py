@@ -180,7 +180,7 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec, workers: int =
         (out / "labelmap").mkdir(exist_ok=True)
     (out / PARTIAL_MARKER).write_text(json.dumps({"spec": spec.to_json()}, indent=2))
 
-    from tqdm.auto import tqdm
+    from xcardia.progress import bar as tqdm
 
     jobs = [(spec.to_json(), i, str(out)) for i in range(spec.n_patients)]
     bar = tqdm(total=spec.n_patients, desc="generating cohort", unit="patient", disable=not progress)

@@ -107,7 +107,7 @@ class CohortDataset(Dataset):
 
     def warm(self, indices=None, progress: bool = False, desc: str = "preprocessing CTs") -> None:
         """Load every image once, so that errors (naming the file) surface before training and the cache is full."""
-        from tqdm.auto import tqdm
+        from xcardia.progress import bar as tqdm
 
         for i in tqdm(range(len(self)) if indices is None else indices, desc=desc, disable=not progress, unit="CT"):
             self.image(int(i))

@@ -173,32 +173,40 @@ def plot_visibility(visibility: pd.DataFrame):
     return fig
 
 
-def slice_viewer(volume: np.ndarray, interactive: bool, window: str = "mediastinal"):
-    """Scroll through the axial slices of a CT. With ``interactive`` and ipywidgets a slider drives the view;
-    otherwise (headless, e.g. papermill) a static montage of eight slices is returned."""
+def slice_montage(volume: np.ndarray, window: str = "mediastinal"):
+    """Eight axial slices of a CT side by side: the static view, which reads the same in a saved or reopened
+    notebook (a widget's output does not outlive its kernel)."""
     lo, hi = window_limits(window)
-    if interactive:
-        try:
-            import ipywidgets as widgets
-        except ImportError:
-            interactive = False
-    if interactive:
-        def show(axial_slice: int):
-            fig, ax = plt.subplots(figsize=(4, 4))
-            ax.imshow(volume[:, :, axial_slice].T[::-1, ::-1], cmap="gray", vmin=lo, vmax=hi)
-            ax.set_title(f"axial slice {axial_slice}")
-            ax.axis("off")
-            plt.show()
-
-        return widgets.interactive(show, axial_slice=widgets.IntSlider(volume.shape[2] // 2, 0, volume.shape[2] - 1))
     ks = np.linspace(0, volume.shape[2] - 1, 10).astype(int)[1:-1]
     fig, axes = plt.subplots(1, len(ks), figsize=(2 * len(ks), 2.2))
     for ax, k in zip(axes, ks):
         ax.imshow(volume[:, :, k].T[::-1, ::-1], cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(f"z = {k}", fontsize=8)
+        ax.set_title(f"z = {k}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def slice_viewer(volume: np.ndarray, interactive: bool, window: str = "mediastinal"):
+    """Scroll through the axial slices of a CT: with ``interactive`` and ipywidgets, a slider that drives the view;
+    otherwise None. Show :func:`slice_montage` beside it: after a reopen the slider's output is gone, the montage
+    is not."""
+    lo, hi = window_limits(window)
+    if not interactive:
+        return None
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return None
+
+    def show(axial_slice: int):
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(volume[:, :, axial_slice].T[::-1, ::-1], cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(f"axial slice {axial_slice}", fontsize=10)
+        ax.axis("off")
+        plt.show()
+
+    return widgets.interactive(show, axial_slice=widgets.IntSlider(volume.shape[2] // 2, 0, volume.shape[2] - 1))
 
 
 def plot_crop_boxes(previews: list[dict], spacing_mm: float):
