@@ -2,6 +2,7 @@
 ways on the same cohort, then the same 5-shot evaluation of both encoders.
 
     python bench/precision_side_by_side.py --data outputs/cpu/cohort --out /tmp/precision_check
+    python bench/precision_side_by_side.py ... --candidate cl          # channels_last_3d alone
     python bench/precision_side_by_side.py ... --run xcardia_fixed_s0 --json side_by_side.json
 
 Reports, per precision: the pretraining wall time, the training-loss and validation concept-mAP curves, the epoch the
@@ -9,8 +10,9 @@ paper's rule selected, and the 5-shot macro AUROC (the linear probe and the pape
 draws, the same draws for both encoders). Resumable: each arm is a normal pretraining run folder, reused when
 finished.
 
-**Decision rule** (fixed before the first run, issue 23): the ``cpu`` profile pretrains in bf16 + channels_last_3d
-only if all three hold —
+**Decision rule** (fixed before the first run, issue 23; the same rule for each candidate — ``bf16_cl`` first, then
+``cl`` = ``channels_last_3d`` alone, committed before its run): the ``cpu`` profile pretrains with the candidate only
+if all three hold —
 1. the pretraining epoch is at least 1.3× shorter (fastest epoch of each run: on a shared machine other work
    inflates some epochs of one run and not the other);
 2. the selected epoch differs by at most one;
@@ -30,7 +32,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ARMS = {"fp32": {"bf16": False, "channels_last": False}, "bf16_cl": {"bf16": True, "channels_last": True}}
+#: the arms a candidate is compared with fp32 in (``--candidate``)
+CANDIDATES = {"bf16_cl": {"bf16": True, "channels_last": True}, "cl": {"bf16": False, "channels_last": True}}
 
 
 def reference_sd(metrics_path: Path, method: str) -> float | None:
@@ -49,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default="xcardia_fixed_s0", help="the profile's pretraining run to train both ways")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--reference", default="results/cpu/metrics.json")
+    parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="bf16_cl",
+                        help="bf16_cl: bf16 autocast + channels_last_3d; cl: channels_last_3d alone (fp32 arithmetic)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -64,11 +69,12 @@ def main(argv=None) -> int:
 
     profile = get_profile(args.profile)
     out = Path(args.out)
+    arms = {"fp32": {"bf16": False, "channels_last": False}, args.candidate: CANDIDATES[args.candidate]}
     seed_suffix = args.run.rsplit("_s", 1)[-1] if "_s" in args.run else "0"
     result = {"run": args.run, "profile": profile.name,
               "precision_cpu": plan(torch.device("cpu"), True, True).description, "arms": {}}
     inits = {}
-    for arm, flags in ARMS.items():
+    for arm, flags in arms.items():
         started = time.perf_counter()
         try:
             path = pretrain_profile_run(profile, args.run, args.data, out / arm, progress=False, **flags)
@@ -98,12 +104,12 @@ def main(argv=None) -> int:
     spec = replace(profile.finetune, ks=(5,), kshot_paper_ks=(5,))
     records, _, _ = fewshot_experiment(profile, args.data, inits, out / "fewshot", spec=spec, log=lambda *_: None)
     per_seed = macro_per_seed(records)
-    for arm in ARMS:
+    for arm in arms:
         for protocol in spec.kshot_protocols:
             rows = per_seed[(per_seed["init"] == f"{arm}_s{seed_suffix}") & (per_seed["protocol"] == protocol)]
             result["arms"][arm][f"kshot5_{protocol}"] = round(float(rows["auroc"].mean()), 4)
 
-    a, b = result["arms"]["fp32"], result["arms"]["bf16_cl"]
+    a, b = result["arms"]["fp32"], result["arms"][args.candidate]
     method = args.run.rsplit("_s", 1)[0]
     sd = reference_sd(Path(args.reference), method)
     speedup = a["fastest_epoch_s"] / b["fastest_epoch_s"]
@@ -113,14 +119,14 @@ def main(argv=None) -> int:
               **{f"|Δ 5-shot {p}| < reference seed SD": (sd is not None and abs(d) < sd) for p, d in deltas.items()}}
     result.update(speedup=round(speedup, 2), deltas={p: round(d, 4) for p, d in deltas.items()},
                   reference_seed_sd=None if sd is None else round(sd, 4), checks=checks,
-                  verdict="adopt bf16 + channels_last_3d" if all(checks.values()) else "stay fp32")
+                  verdict=f"adopt {args.candidate}" if all(checks.values()) else "stay fp32")
 
     print(f"precision side-by-side, {profile.name} profile, run {args.run} ({result['precision_cpu']})")
     print(f"{'':>10} {'wall s':>8} {'min epoch s':>12} {'epoch':>6} {'5-shot probe':>13} {'5-shot paper':>13}  train loss per epoch")
     for arm, row in result["arms"].items():
         print(f"{arm:>10} {row['wall_s']:>8.0f} {row['fastest_epoch_s']:>12.1f} {str(row['selected_epoch']):>6} {row['kshot5_probe']:>13.4f} "
               f"{row.get('kshot5_paper', float('nan')):>13.4f}  {' '.join(f'{v:.3f}' for v in row['train_loss'])}")
-    print(f"speed-up (fastest epoch) {speedup:.2f}×; Δ (bf16_cl − fp32): "
+    print(f"speed-up (fastest epoch) {speedup:.2f}×; Δ ({args.candidate} − fp32): "
           + ", ".join(f"{p} {d:+.4f}" for p, d in deltas.items())
           + f"; reference seed SD {result['reference_seed_sd']}")
     for name, ok in checks.items():
