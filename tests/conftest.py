@@ -23,6 +23,17 @@ def tiny_cohort(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke_reproduction(tmp_path_factory):
+    """``reproduce --profile smoke`` of every notebook in the repository, once per session (the notebook tests and
+    the browser test share it)."""
+    from xcardia.reproduce import reproduce
+
+    out = tmp_path_factory.mktemp("smoke")
+    reproduce(profile="smoke", out=out, seed=0, log=lambda *_: None)
+    return out
+
+
 @pytest.fixture
 def paper_cohort(tmp_path):
     """Four patients in the paper's column names: two NIfTI (RAS and LPS), one DICOM series, one .npy-free row."""

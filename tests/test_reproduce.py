@@ -54,14 +54,6 @@ def test_cli_reproduce_failure_exits_non_zero_with_one_error_line(tmp_path):
     assert len(errors) == 1 and "01_bad.ipynb" in errors[0] and "ZeroDivisionError" in errors[0]
 
 
-@pytest.fixture(scope="session")
-def smoke_reproduction(tmp_path_factory):
-    """``reproduce --profile smoke`` of every notebook in the repository, once per session."""
-    out = tmp_path_factory.mktemp("smoke")
-    reproduce(profile="smoke", out=out, seed=0, log=lambda *_: None)
-    return out
-
-
 def test_smoke_reproduction_executes_every_notebook(smoke_reproduction):
     executed = sorted(p.name for p in (smoke_reproduction / "notebooks").glob("*.ipynb"))
     assert executed == [p.name for p in list_notebooks()]
