@@ -249,6 +249,9 @@ def test_notebooks_01_to_03_run_in_jupyterlab_reopen_without_widget_errors_and_l
     for name in NOTEBOOKS:
         saved = json.loads((work / name).read_text())
         assert any(c.get("outputs") for c in saved["cells"] if c["cell_type"] == "code"), f"{name} was saved without outputs"
-    _git(work, "update-index", "-q", "--refresh", check=False)  # re-stat files the save touched (README)
+    diff = _git(work, "diff", "--no-textconv", "--stat").stdout  # worktree through the clean filter vs the commit
+    assert diff == "", f"run and save changed what git would commit:\n{diff}"
+    # git lists a saved notebook whose size changed without running the filter (README); `git add` stages nothing
+    _git(work, "add", "-A")
     status = _git(work, "status", "--porcelain").stdout
-    assert status == "", f"git status after run and save:\n{status}\n{_git(work, 'diff').stdout[:3000]}"
+    assert status == "", f"git status after run, save and `git add`:\n{status}\n{_git(work, 'diff', '--cached').stdout[:3000]}"
