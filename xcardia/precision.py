@@ -3,7 +3,8 @@
 On a GPU both are the paper profile's settings. On a CPU, PyTorch's autocast to bfloat16 runs through oneDNN and is
 only worth it where the CPU has bf16 units (``avx512_bf16``, ``amx_bf16``: ``/proc/cpuinfo``); without them a bf16
 request is refused with a one-line notice and the step stays fp32. ``channels_last_3d`` is a layout only and is
-honoured on both. Whether a profile uses them on CPU is decided by a measured side-by-side (``bench/README.md``).
+honoured on both. Whether a profile uses them on CPU is decided by a measured side-by-side
+(``bench/precision_side_by_side.py``; the ``cpu`` profile stays fp32: README, "Performance and scale").
 """
 
 from __future__ import annotations

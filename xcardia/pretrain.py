@@ -246,7 +246,7 @@ class _Run:
     forward: object
     optimizer: torch.optim.Optimizer
     scheduler: object
-    autocast: object
+    precision: Precision
     pre: TabularPreprocessor
     train_rows: np.ndarray
     train_ds: CohortDataset
@@ -258,7 +258,6 @@ class _Run:
     embed_val: _Embedder
     queue: QueueBank | None = None
     bank: SupportBank | None = None
-    precision: Precision | None = None
     history: list = None
     best: dict = None
     start_epoch: int = 0
@@ -270,7 +269,7 @@ class _Run:
         return self.device.type == "cuda"
 
     def rebuild_kmeans_bank(self) -> SupportBank:
-        embedded = self.embed_train(self.model, self.spec.nw_query, self.autocast)
+        embedded = self.embed_train(self.model, self.spec.nw_query, self.precision.autocast)
         return build_kmeans_bank(embedded["query"], embedded["concepts"], embedded["index"],
                                  self.spec.bank_k_per_concept, self.spec.seed, self.spec.kmeans_n_init)
 
@@ -368,7 +367,6 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
                                   weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=spec.restart_period,
                                                                      T_mult=spec.restart_mult, eta_min=spec.min_lr)
-    autocast = precision.autocast
     sampler = DistributedSampler(train_ds, num_replicas=world_size(), rank=rank(), shuffle=True, seed=spec.seed,
                                  drop_last=True)
     loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers,
@@ -376,7 +374,7 @@ def _setup(folder: RunFolder, device, manifest_path, model_spec: ModelSpec, spec
                         generator=torch.Generator().manual_seed(spec.seed))
     run = _Run(folder=folder, spec=spec, model_spec=model_spec, preprocess=preprocess, config=config,
                fingerprint=fingerprint, device=device, model=model, forward=forward, optimizer=optimizer,
-               scheduler=scheduler, autocast=autocast, precision=precision, pre=pre, train_rows=train_rows, train_ds=train_ds,
+               scheduler=scheduler, precision=precision, pre=pre, train_rows=train_rows, train_ds=train_ds,
                plain_ds=plain_ds, val_ds=val_ds, sampler=sampler, loader=loader,
                embed_train=_Embedder(plain_ds, max(spec.batch_size, 16), device, spec.num_workers),
                embed_val=_Embedder(val_ds, max(spec.batch_size, 16), device, spec.num_workers),
@@ -428,7 +426,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool, on_step=None) -> tupl
         if spec.scarf_rate > 0:
             g = torch.Generator(device=values.device).manual_seed(spec.seed * 1_000_003 + run.step_count)
             values, missing = scarf_corrupt(values, missing, spec.scarf_rate, g)
-        with run.autocast():
+        with run.precision.autocast():
             e_img, e_tab = run.forward(image, values, missing)
         loss, parts = pretraining_loss(e_img.float(), e_tab.float(), concepts, model.clip_temperature(),
                                        model.nw_temperature(), spec.clip_weight, spec.nw_weight, spec.nw_query,
@@ -473,7 +471,7 @@ def evaluate(run: _Run) -> dict:
     spec, model, device = run.spec, run.model, run.device
     if not len(run.val_ds):
         return {}
-    val = run.embed_val(model, spec.nw_query, run.autocast)
+    val = run.embed_val(model, spec.nw_query, run.precision.autocast)
     support_bank = run.support_bank()
     order = gather_no_grad(val["index"]).cpu().numpy()  # a padded sampler repeats some patients: drop them
     keep = torch.as_tensor(np.unique(order, return_index=True)[1], device=device)
@@ -487,7 +485,8 @@ def evaluate(run: _Run) -> dict:
     row = {f"val_{k}": v for k, v in concept_metrics(pred.cpu().numpy(), c_all.cpu().numpy()).items()}
     row["val_clip"] = float(np.mean(val_clip)) if val_clip else math.nan
     # the same support patients represented by their CT alone: does the encoder carry the NW score?
-    image_support = _image_embeddings_of(model, run.plain_ds, run.train_rows, support_bank, device, run.autocast)
+    image_support = _image_embeddings_of(model, run.plain_ds, run.train_rows, support_bank, device,
+                                         run.precision.autocast)
     if image_support is not None:
         pred_img, _ = nw_predict(torch.nn.functional.normalize(img_all, dim=-1), image_support[0], image_support[1],
                                  model.nw_temperature(), spec.nw_kernel)
