@@ -20,6 +20,10 @@ if all three hold —
    committed reference (``results/cpu/metrics.json``, probe: ``fewshot → seed_aware → probe``; the paper protocol
    has no committed 3-seed value at k = 5 yet, so the probe's SD is used for both).
 Otherwise it stays fp32. The script prints the verdict; the profile is changed (or not) by hand, in its own commit.
+
+The first ``bf16_cl`` run diverged (NaN at step 23); the cause was found afterwards: a oneDNN defect in the bf16
+weight gradient of 3³ convolutions over 2³ grids (:mod:`xcardia.precision`), now guarded by a self-test. ``bf16_cl``
+is rerun with the guard under the same rule, unchanged (committed before that run).
 """
 
 from __future__ import annotations

@@ -114,8 +114,17 @@ class ImageEncoder(nn.Module):
         self.feature = nn.Linear(pooled, spec.feature_dim)
         #: recompute each ResNet stage in the backward pass instead of storing its activations (GPU memory)
         self.checkpoint_stages = False
+        #: under autocast, run stages whose input grid is ≤ 4 voxels wide in fp32 (set by
+        #: :meth:`xcardia.precision.Precision.model` where the CPU's bf16 small-grid convolution fails its self-test)
+        self.fp32_small_grids = False
 
     def _stage(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32_small_grids and min(x.shape[2:]) <= 4 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._stage_run(layer, x.float())
+        return self._stage_run(layer, x)
+
+    def _stage_run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_stages and self.training and x.requires_grad:
             from torch.utils.checkpoint import checkpoint
 
