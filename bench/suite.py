@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xcardia.precision import cpu_bf16_units
+from xcardia.precision import bf16_small_grid_convolutions_ok, cpu_bf16_units, plan
 
 
 def _sibling(name: str):
@@ -319,13 +319,17 @@ def bench_precision(scale: Scale) -> dict:
     settings = {"fp32": (False, False), "bf16": (True, False), "channels_last": (False, True),
                 "bf16_channels_last": (True, True)}
 
+    results["bf16_small_grid_self_test"] = "passed" if bf16_small_grid_convolutions_ok() else "failed"
+
     def step_fn(model, inputs, bf16, channels_last):
-        model = model.to(memory_format=torch.channels_last_3d) if channels_last else model
-        inputs = inputs.contiguous(memory_format=torch.channels_last_3d) if channels_last else inputs
+        # as the runtime plans it: on a CPU whose bf16 small-grid convolution fails its self-test the encoder's
+        # small-grid stages stay fp32 (the downstream top has no such guard: downstream training is fp32)
+        precision = plan(torch.device("cpu"), bf16, channels_last)
+        model, inputs = precision.model(model), precision.batch(inputs)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with precision.autocast():
                 out = model(inputs)
             out.float().square().mean().backward()
             optimizer.step()
