@@ -195,3 +195,62 @@ def test_a_task_without_training_positives_is_skipped_with_its_reason_and_left_o
     dropped = _record("probe", "x", "fraction", 0.01, 123, 1, y_test, scores, 0, 8)
     assert kept["skipped"] is None and kept["auroc"] == 1.0
     assert dropped["skipped"] == "no positive in the training subset" and math.isnan(dropped["auroc"])
+
+
+def test_encodings_are_reused_exactly_and_recomputed_when_the_entry_or_the_weights_change(tiny_cohort, tiny_run,
+                                                                                          tmp_path, monkeypatch):
+    from xcardia.config import get_profile
+    from xcardia.data.dataset import CohortDataset
+    from xcardia.data.manifest import load_manifest
+
+    profile, manifest, cache = get_profile("smoke"), load_manifest(tiny_cohort), tmp_path / "cache"
+    first = finetune.prepare_experiment(profile, manifest, {"x": str(tiny_run)}, cache, profile.finetune, log=lambda *_: None)
+    entries = sorted((cache / "encoded").rglob("*.pt"))
+    assert len(entries) == 1
+    union = CohortDataset.from_parts([first.datasets[s] for s in ("train", "val", "test")])
+    fresh = finetune.encode("x", first.inits["x"].encoder, union)
+    assert torch.equal(fresh.trunk, first.inits["x"].trunk) and np.array_equal(fresh.features, first.inits["x"].features)
+
+    real_encode = finetune.encode
+    monkeypatch.setattr(finetune, "encode", lambda *a, **k: pytest.fail("a cached encoding was computed again"))
+    again = finetune.prepare_experiment(profile, manifest, {"x": str(tiny_run)}, cache, profile.finetune, log=lambda *_: None)
+    assert torch.equal(again.inits["x"].trunk, fresh.trunk) and np.array_equal(again.inits["x"].features, fresh.features)
+
+    monkeypatch.setattr(finetune, "encode", real_encode)
+    entries[0].write_bytes(b"not a tensor file")
+    lines = []
+    rebuilt = finetune.prepare_experiment(profile, manifest, {"x": str(tiny_run)}, cache, profile.finetune, log=lines.append)
+    assert any("unreadable" in line and str(entries[0]) in line for line in lines)
+    assert torch.equal(rebuilt.inits["x"].trunk, fresh.trunk)
+
+    other = finetune.prepare_experiment(profile, manifest, {"s": "scratch:1"}, cache, profile.finetune, log=lambda *_: None)
+    assert len(sorted((cache / "encoded").rglob("*.pt"))) == 2  # other weights, another entry
+    assert not torch.equal(other.inits["s"].trunk, fresh.trunk)
+
+
+def test_the_multi_tensor_adamw_trains_bit_identically_to_the_single_tensor_one(monkeypatch):
+    """public_optimizer asks for AdamW's foreach implementation for speed; it must not change a single weight."""
+    from dataclasses import replace
+
+    from xcardia.config import get_profile
+    from xcardia.models.image_encoder import ImageEncoder
+
+    profile = get_profile("cpu")
+    torch.manual_seed(0)
+    encoder = ImageEncoder(profile.model.image).eval()
+    n = 40
+    with torch.no_grad():
+        trunk = encoder.trunk(torch.randn(n, 1, *profile.preprocess.shape))
+    init = finetune.EncodedInit("x", encoder, np.arange(n), trunk, np.zeros((n, 128)), {i: i for i in range(n)})
+    labels = np.random.default_rng(0).integers(0, 2, size=(n, 2)).astype(float)
+    labels[::7, 1] = np.nan
+    spec = replace(profile.finetune, kshot_epochs=8)
+    trained = {}
+    real_adamw = torch.optim.AdamW
+    for foreach in (True, False):
+        monkeypatch.setattr(torch.optim, "AdamW", lambda *a, foreach_=foreach, **k: real_adamw(*a, **{**k, "foreach": foreach_}))
+        model = finetune.train_top(init, labels, np.arange(24), None, spec, seed=5, epochs=spec.kshot_epochs)
+        trained[foreach] = model.state_dict()
+    assert all(torch.equal(trained[True][k], trained[False][k]) for k in trained[True])
+    assert any(not torch.equal(trained[True][k], finetune.TopModel(encoder, 2).state_dict()[k])
+               for k in trained[True] if k.startswith("heads"))  # it trained

@@ -17,7 +17,6 @@ pooling (MONAI's ResNet stages), which is what the last ResNet stage is.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import numpy as np
@@ -145,12 +144,9 @@ def train_kshot_grouped(members: list[nn.Module], trunk: torch.Tensor, rows: lis
     params = model.member_parameters()
     y = torch.as_tensor(np.stack(targets, axis=1), dtype=torch.float32)  # (n, M, T)
     pos_weight = torch.stack([pos_weight_from_subset(y[:, m], spec.pos_weight_cap) for m in range(n_members)])
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = max(1, math.ceil(n / spec.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max(spec.lr, 1e-3), total_steps=max(20, steps_per_epoch * max(spec.max_epochs, epochs)),
-        pct_start=spec.onecycle_pct_start, anneal_strategy="cos", div_factor=spec.onecycle_div_factor,
-        final_div_factor=spec.onecycle_final_div_factor)
+    from xcardia.finetune import public_optimizer
+
+    optimizer, scheduler = public_optimizer(params, spec, n, epochs)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     rows_t = torch.as_tensor(np.stack(rows))  # (M, n)
     member_index = torch.arange(n_members)

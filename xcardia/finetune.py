@@ -163,6 +163,58 @@ def encode(name: str, encoder: ImageEncoder, dataset: CohortDataset, batch_size:
                        {int(r): i for i, r in enumerate(rows)})
 
 
+def _weights_digest(encoder: ImageEncoder) -> str:
+    """sha256 of an encoder's architecture and every tensor of its state (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(encoder.spec.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _volumes_digest(dataset: CohortDataset) -> str:
+    """sha256 of the preprocessed volumes of ``dataset``, in its order (what :func:`encode` reads)."""
+    import hashlib
+
+    h = hashlib.sha256(np.asarray(dataset.rows, dtype=np.int64).tobytes())
+    for i in range(len(dataset)):
+        h.update(np.ascontiguousarray(dataset.image(i), dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def encode_cached(name: str, encoder: ImageEncoder, dataset: CohortDataset, cache_root: str | os.PathLike | None,
+                  volumes_digest: str | None = None, log=print) -> EncodedInit:
+    """:func:`encode`, stored under ``cache_root/encoded/`` and reused by any later evaluation (notebook 05 after
+    04, a rerun) that feeds the same weights the same volumes: the key is the sha256 of the encoder's tensors and of
+    the volumes, so a reused entry holds exactly what encoding would recompute on this machine. An unreadable or
+    mismatching entry is recomputed, with a log line."""
+    if cache_root is None:
+        return encode(name, encoder, dataset)
+    import hashlib
+
+    volumes_digest = volumes_digest or _volumes_digest(dataset)
+    key = hashlib.sha256(f"encode-v1|{torch.__version__}|{_weights_digest(encoder)}|{volumes_digest}".encode()).hexdigest()[:40]
+    path = Path(cache_root) / "encoded" / key[:2] / f"{key}.pt"
+    rows = np.asarray(dataset.rows, dtype=np.int64)
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if np.array_equal(saved["rows"].numpy(), rows) and len(saved["trunk"]) == len(rows) == len(saved["features"]):
+                encoder.eval()
+                return EncodedInit(name, encoder, dataset.rows, saved["trunk"], saved["features"].numpy(),
+                                   {int(r): i for i, r in enumerate(dataset.rows)})
+            log(f"[finetune] {path}: does not match {name}'s rows; encoding again")
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is recomputed, never trusted
+            log(f"[finetune] {path}: unreadable ({type(exc).__name__}); encoding {name} again")
+    encoded = encode(name, encoder, dataset)
+    write_atomic(path, lambda tmp: torch.save({"rows": torch.as_tensor(rows), "trunk": encoded.trunk,
+                                               "features": torch.as_tensor(encoded.features)}, tmp), suffix=".pt")
+    return encoded
+
+
 class TopModel(nn.Module):
     """What the paper's fine-tuning trains: a copy of the last ResNet stage, the feature layer after it
     (re-initialised when ``reinit_feature``, as ``Finetuning.py:336-338``), and the task heads."""
@@ -243,6 +295,25 @@ def _predict_top(model: TopModel, trunk: torch.Tensor, batch: int = 256) -> np.n
     return torch.cat([torch.sigmoid(model(trunk[i:i + batch])) for i in range(0, len(trunk), batch)]).numpy()
 
 
+def public_optimizer(parameters, spec: FinetuneSpec, n_rows: int, epochs: int | None = None):
+    """The public optimiser and schedule for ``n_rows`` training rows: AdamW (``Finetuning.py:431``) and OneCycleLR
+    (cosine, ``max(lr, 1e-3)`` peak, :434-447) over ``max(max_epochs, epochs)`` epochs of micro-batches.
+
+    AdamW runs its multi-tensor (``foreach``) implementation, which PyTorch picks by default only on GPUs: on this
+    CPU it gives bit-identical weights (every element's update is the same arithmetic) and a quarter less time per
+    k-shot run (``tests/test_finetune.py`` pins the identity)."""
+    optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                  foreach=True)
+    steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
+    total_epochs = max(spec.max_epochs, epochs or 0)
+    # ≥ 20 steps: OneCycle needs a warm-up phase of at least one step (only the smoke profile's tiny schedules hit it)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max(spec.lr, 1e-3), total_steps=max(20, steps_per_epoch * total_epochs),
+        pct_start=spec.onecycle_pct_start, anneal_strategy="cos", div_factor=spec.onecycle_div_factor,
+        final_div_factor=spec.onecycle_final_div_factor)
+    return optimizer, scheduler
+
+
 def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor, spec: FinetuneSpec, seed: int,
                           validate=None, epochs: int | None = None) -> EarlyStopping:
     """The public fine-tuning loop (``Finetuning.py:422-616``) over ``len(y)`` training rows.
@@ -262,14 +333,7 @@ def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in parameters if p.requires_grad]
     pos_weight = pos_weight_from_subset(y, spec.pos_weight_cap)
-    optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = max(1, math.ceil(len(y) / spec.batch_size))
-    total_epochs = max(spec.max_epochs, epochs or 0)
-    # ≥ 20 steps: OneCycle needs a warm-up phase of at least one step (only the smoke profile's tiny schedules hit it)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max(spec.lr, 1e-3), total_steps=max(20, steps_per_epoch * total_epochs),
-        pct_start=spec.onecycle_pct_start, anneal_strategy="cos", div_factor=spec.onecycle_div_factor,
-        final_div_factor=spec.onecycle_final_div_factor)
+    optimizer, scheduler = public_optimizer(parameters, spec, len(y), epochs)
     stopper = EarlyStopping(spec.patience, spec.min_delta, spec.min_epochs)
     micro = 0
     optimizer.zero_grad(set_to_none=True)
@@ -382,6 +446,7 @@ class Experiment:
     datasets: dict = None
     inits: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
+    _volumes_digest: str | None = None
 
     def __post_init__(self):
         split = self.manifest["split"].astype(str)
@@ -395,9 +460,14 @@ class Experiment:
         self.datasets = {s: CohortDataset(self.manifest, r, self.cache, None, None, 0, in_memory=True)
                          for s, r in self.rows.items()}
 
-    def add_init(self, name: str, encoder: ImageEncoder) -> EncodedInit:
+    def add_init(self, name: str, encoder: ImageEncoder, log=print) -> EncodedInit:
+        """Encode ``name`` on train + val + test (reusing the encoding cache under the preprocessing cache's
+        folder when it holds these weights on these volumes)."""
         union = CohortDataset.from_parts([self.datasets[s] for s in ("train", "val", "test")])  # volumes in RAM
-        self.inits[name] = encode(name, encoder, union)
+        if self._volumes_digest is None:
+            self._volumes_digest = _volumes_digest(union)
+        self.inits[name] = encode_cached(name, encoder, union, self.cache.root if self.cache is not None else None,
+                                         self._volumes_digest, log)
         return self.inits[name]
 
     def test_labels(self) -> np.ndarray:
@@ -556,7 +626,7 @@ def prepare_experiment(profile, manifest, inits: dict[str, str], cache_dir, spec
         exp.datasets[s].warm()
     for name, encoder in encoders.items():
         started = time.perf_counter()
-        exp.add_init(name, encoder)
+        exp.add_init(name, encoder, log)
         exp.timing.setdefault("encode_s", {})[name] = round(time.perf_counter() - started, 2)
         log(f"[finetune] encoded {name}")
     return exp
