@@ -4,6 +4,7 @@ operating points, and ``xcardia screen`` on the synthetic test split, a folder o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import nibabel as nib
@@ -137,7 +138,7 @@ def test_screening_the_test_split_reproduces_the_paper_protocols_test_prediction
 
 
 def test_a_folder_of_nifti_files_and_a_dicom_series_is_screened_without_a_manifest_and_bad_series_are_listed(
-        bundle_dir, tmp_path):
+        bundle_dir, tmp_path, monkeypatch):
     folder = tmp_path / "cts"
     folder.mkdir()
     write_phantom_nifti(folder / "chest.nii.gz", (4.0, 4.0, 4.0), (70, 60, 90))
@@ -146,7 +147,12 @@ def test_a_folder_of_nifti_files_and_a_dicom_series_is_screened_without_a_manife
     write_dicom_series(folder / "series_7", 24, slice_mm=8.0, chest=True)
     snapshot = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     out = tmp_path / "out"
+    import xcardia.data.imaging as imaging
+
+    reads, real_load_ct = [], imaging.load_ct
+    monkeypatch.setattr(imaging, "load_ct", lambda path, *a, **k: reads.append(Path(path).name) or real_load_ct(path, *a, **k))
     assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(out)]) == 0
+    assert sorted(reads) == sorted(["chest.nii.gz", "abdomen.nii.gz", "contrast.nii.gz", "series_7"])  # each CT read once
     rows = pd.read_csv(out / "predictions.csv").set_index("patient_id")
     assert set(rows.index) == {"chest", "abdomen", "contrast", "series_7"}
     assert rows.loc["abdomen", "qc"] == "failed" and "body_region" in rows.loc["abdomen", "qc_reason"]

@@ -114,16 +114,19 @@ def _refuse_output_folder(out: Path, inputs: list[ScreeningInput], data: Path, m
 
 def series_check(path: Path, spec, fail_on=("error", "contrast")) -> str | None:
     """None when the CT passes screening QC, else the reason (the first failing finding)."""
-    from monai.transforms import Orientation
+    return _checked(path, spec, fail_on)[0]
 
-    from xcardia.data.imaging import load_ct
+
+def _checked(path: Path, spec, fail_on=("error", "contrast")):
+    """``(reason, None)`` when the CT fails screening QC, else ``(None, the CT as read in RAS)`` — the image that
+    preprocessing then uses, so a screened CT is read once."""
+    from xcardia.data.imaging import load_ras
     from xcardia.data.qc import dicom_series_qc, series_qc
 
     try:
-        img = load_ct(path, spec)
+        img = load_ras(path, spec)
     except XcardiaError as exc:
-        return str(exc)
-    img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+        return str(exc), None
     findings = series_qc(img.as_tensor().numpy()[0], tuple(float(abs(z)) for z in img.pixdim))
     if path.is_dir():
         import pydicom
@@ -132,11 +135,14 @@ def series_check(path: Path, spec, fail_on=("error", "contrast")) -> str | None:
             headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(path.iterdir()) if f.is_file()]
             findings += dicom_series_qc(headers)
         except Exception as exc:  # noqa: BLE001
-            return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+            return f"unreadable DICOM header ({type(exc).__name__}: {exc})", None
     for severity, check, message in findings:
         if severity in fail_on or check in fail_on:
-            return f"{check}: {message}"
-    return None
+            return f"{check}: {message}", None
+    if spec.series_qc and any(severity == "error" for severity, _c, _m in findings):  # as preprocess_ct refuses
+        check, message = next((c, m) for sev, c, m in findings if sev == "error")
+        return f"{path}: {message}", None
+    return None, img
 
 
 def threshold_of(points: dict, task: str, point: str) -> float:
@@ -264,11 +270,11 @@ class _Prepared(torch.utils.data.Dataset):
         from xcardia.data.imaging import preprocess_ct
 
         x = self.inputs[i]
-        reason = series_check(x.ct_path, self.spec, self.fail_on)
+        reason, loaded = _checked(x.ct_path, self.spec, self.fail_on)
         volume = None
         if reason is None:
             try:
-                volume = preprocess_ct(x.ct_path, self.spec, x.heart_mask_path)
+                volume = preprocess_ct(x.ct_path, self.spec, x.heart_mask_path, loaded=loaded)
             except XcardiaError as exc:
                 reason = str(exc)
         return {"input": x, "reason": reason, "volume": volume}

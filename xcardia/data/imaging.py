@@ -235,16 +235,24 @@ def check_ct_values(img, path: Path, spec: PreprocessSpec) -> None:
 _RAS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def _resampled(path: str | os.PathLike, spec: PreprocessSpec):
-    """The CT in HU, RAS, at the target spacing (anti-aliased), after the checks and the series QC."""
-    from monai.transforms import GaussianSmooth, Orientation, Spacing
+def load_ras(path: str | os.PathLike, spec: PreprocessSpec):
+    """The CT in HU (after :func:`load_ct`'s checks), reoriented to RAS, at its own spacing."""
+    from monai.transforms import Orientation
+
+    return Orientation(axcodes="RAS", labels=_RAS)(load_ct(path, spec))
+
+
+def _resampled(path: str | os.PathLike, spec: PreprocessSpec, loaded=None):
+    """The CT in HU, RAS, at the target spacing (anti-aliased), after the checks and the series QC. ``loaded``: the
+    CT as :func:`load_ras` gave it, whose series QC the caller has already judged (screening reads a CT once)."""
+    from monai.transforms import GaussianSmooth, Spacing
 
     from xcardia.data.qc import series_qc
 
-    img = load_ct(path, spec)
-    img = Orientation(axcodes="RAS", labels=_RAS)(img)
+    img = load_ras(path, spec) if loaded is None else loaded
     current = np.abs(np.asarray(img.pixdim, dtype=float))
-    for severity, _check, message in (series_qc(img.as_tensor().numpy()[0], tuple(current)) if spec.series_qc else ()):
+    findings = series_qc(img.as_tensor().numpy()[0], tuple(current)) if (spec.series_qc and loaded is None) else ()
+    for severity, _check, message in findings:
         if severity == "error":
             raise XcardiaError(f"{path}: {message}")
     target = float(spec.spacing_mm)
@@ -291,15 +299,17 @@ def _to_target(img, spec: PreprocessSpec, centre, pad_value: float):
     return ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", constant_values=pad_value)(img)
 
 
-def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None) -> np.ndarray:
+def preprocess_ct(path: str | os.PathLike, spec: PreprocessSpec, heart_mask: str | os.PathLike | None = None,
+                  loaded=None) -> np.ndarray:
     """Load and preprocess one CT: a float32 array of ``spec.shape`` in [−1, 1] (RAS, ``spec.spacing_mm``).
 
     The series must pass :func:`xcardia.data.qc.series_qc` (a scan without lungs is refused). With
     ``spec.centre == "heart"`` a field of view larger than the target is cropped around the heart (``heart_mask``'s
-    centroid, e.g. TotalSegmentator's ``heart.nii.gz`` in the CT's space, or the heuristic)."""
+    centroid, e.g. TotalSegmentator's ``heart.nii.gz`` in the CT's space, or the heuristic). ``loaded``: the CT
+    already read by :func:`load_ras` and judged by the caller's series QC (it is then not read or judged again)."""
     from monai.transforms import ScaleIntensityRange
 
-    img = _resampled(path, spec)
+    img = _resampled(path, spec, loaded)
     centre = crop_centre(img, spec, heart_mask, path)
     lo, hi = spec.hu_window
     img = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=-1.0, b_max=1.0, clip=True)(img)
