@@ -113,7 +113,8 @@ def _refuse_output_folder(out: Path, inputs: list[ScreeningInput], data: Path, m
 
 
 def series_check(path: Path, spec, fail_on=("error", "contrast")) -> str | None:
-    """None when the CT passes screening QC, else the reason (the first failing finding)."""
+    """None when the CT passes screening QC, else the reason: the first finding in ``fail_on``, or a series-QC
+    error that preprocessing would refuse (the reason the screening table then lists)."""
     return _checked(path, spec, fail_on)[0]
 
 
