@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xcardia.losses import pos_weight_from_subset
+from xcardia.losses import pos_weight_from_subset, public_optimizer
 from xcardia.specs import FinetuneSpec
 
 
@@ -144,8 +144,6 @@ def train_kshot_grouped(members: list[nn.Module], trunk: torch.Tensor, rows: lis
     params = model.member_parameters()
     y = torch.as_tensor(np.stack(targets, axis=1), dtype=torch.float32)  # (n, M, T)
     pos_weight = torch.stack([pos_weight_from_subset(y[:, m], spec.pos_weight_cap) for m in range(n_members)])
-    from xcardia.finetune import public_optimizer
-
     optimizer, scheduler = public_optimizer(params, spec, n, epochs)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     rows_t = torch.as_tensor(np.stack(rows))  # (M, n)

@@ -45,7 +45,7 @@ from xcardia.data.dataset import CohortDataset, table_array
 from xcardia.data.imaging import PreprocessCache, PreprocessSpec
 from xcardia.atomic import write_atomic, write_text_atomic
 from xcardia.errors import XcardiaError
-from xcardia.losses import masked_bce_with_logits, pos_weight_from_subset
+from xcardia.losses import masked_bce_with_logits, pos_weight_from_subset, public_optimizer
 from xcardia.metrics import auprc, auroc
 from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
 from xcardia.models.weights import load_encoder
@@ -293,25 +293,6 @@ def _macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
 def _predict_top(model: TopModel, trunk: torch.Tensor, batch: int = 256) -> np.ndarray:
     model.eval()
     return torch.cat([torch.sigmoid(model(trunk[i:i + batch])) for i in range(0, len(trunk), batch)]).numpy()
-
-
-def public_optimizer(parameters, spec: FinetuneSpec, n_rows: int, epochs: int | None = None):
-    """The public optimiser and schedule for ``n_rows`` training rows: AdamW (``Finetuning.py:431``) and OneCycleLR
-    (cosine, ``max(lr, 1e-3)`` peak, :434-447) over ``max(max_epochs, epochs)`` epochs of micro-batches.
-
-    AdamW runs its multi-tensor (``foreach``) implementation, which PyTorch picks by default only on GPUs: on this
-    CPU it gives bit-identical weights (every element's update is the same arithmetic; ``tests/test_finetune.py``
-    pins it) and measured 1.06× on one ``cpu`` init's 225 k-shot runs."""
-    optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                                  foreach=True)
-    steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
-    total_epochs = max(spec.max_epochs, epochs or 0)
-    # ≥ 20 steps: OneCycle needs a warm-up phase of at least one step (only the smoke profile's tiny schedules hit it)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max(spec.lr, 1e-3), total_steps=max(20, steps_per_epoch * total_epochs),
-        pct_start=spec.onecycle_pct_start, anneal_strategy="cos", div_factor=spec.onecycle_div_factor,
-        final_div_factor=spec.onecycle_final_div_factor)
-    return optimizer, scheduler
 
 
 def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor, spec: FinetuneSpec, seed: int,
