@@ -16,7 +16,10 @@ check that ``bench --scale tiny`` runs.
    heads likewise; which bf16 units the CPU reports;
 8. k-shot fine-tuning of one init: the grouped (batched) trainer against the one-at-a-time loop (issue 23.3);
 9. screening throughput (issue 20): CTs per second through `screen`'s per-patient path (series QC, preprocessing,
-   ten calibrated risks) at the ``cpu`` profile's size, first pass (cold) and second pass (files in the OS cache).
+   ten calibrated risks) at the ``cpu`` profile's size, first pass (cold) and second pass (files in the OS cache);
+10. the paired seed-aware interval, draw counts against per-resample ranking (``bootstrap``);
+11. levers of the ``cpu`` run time (``levers``): one thread vs all, a cached frozen-trunk encoding vs computing it,
+    AdamW ``foreach`` vs single-tensor on k-shot runs (identity of results checked for the last two).
 """
 
 from __future__ import annotations
@@ -470,8 +473,95 @@ def bench_bootstrap(scale: Scale) -> dict:
             "identical_to_previous": fast_result == slow_result}
 
 
+def bench_levers(scale: Scale) -> dict:
+    """Three levers of the ``cpu`` profile's run time (issue 23), each against its baseline in the same run:
+    the encoder's training step on one thread vs two (can two runs side by side gain?); reading an init's frozen-trunk
+    encoding from ``<cache>/encoded/`` vs computing it (random volumes, ``cpu`` encoder), with the identity of the
+    two checked; k-shot ``paper``-protocol runs with AdamW ``foreach`` vs single-tensor, weights compared."""
+    import tempfile
+    from unittest import mock
+
+    from xcardia import finetune
+    from xcardia.config import get_profile
+    from xcardia.models.image_encoder import ImageEncoder
+
+    profile = get_profile("cpu")
+    torch.manual_seed(0)
+    results = {}
+    # threads
+    encoder = ImageEncoder(profile.model.image).train()
+    x = torch.randn(32, 1, *profile.preprocess.shape)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+
+    def step():
+        encoder(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    threads = torch.get_num_threads()
+    times = {1: [], threads: []}
+    step()
+    for _ in range(max(2, scale.repeats // 2)):
+        for n in times:
+            torch.set_num_threads(n)
+            t = time.perf_counter()
+            step()
+            times[n].append(time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    results["threads"] = threads
+    results["one_thread_step_vs_all_threads"] = statistics.median(times[1]) / statistics.median(times[threads])
+    # encoding reuse
+    n = 40 if scale.name == "tiny" else 400
+
+    class Volumes(torch.utils.data.Dataset):
+        rows = np.arange(n)
+        _v = torch.randn(n, 1, *profile.preprocess.shape, generator=torch.Generator().manual_seed(1))
+
+        def __len__(self):
+            return n
+
+        def image(self, i):
+            return self._v[i, 0].numpy()
+
+        def __getitem__(self, i):
+            return {"image": self._v[i]}
+    encoder.eval()
+    with tempfile.TemporaryDirectory() as root:
+        t = time.perf_counter()
+        computed = finetune.encode_cached("x", encoder, Volumes(), root, log=lambda *_: None)
+        compute_s = time.perf_counter() - t
+        t = time.perf_counter()
+        read = finetune.encode_cached("x", encoder, Volumes(), root, log=lambda *_: None)
+        read_s = time.perf_counter() - t
+    results.update(encode_patients=n, encode_computed_s=compute_s, encode_read_s=read_s,
+                   encode_speedup_read_vs_computed=compute_s / read_s,
+                   encode_read_identical=bool(torch.equal(computed.trunk, read.trunk)
+                                              and np.array_equal(computed.features, read.features)))
+    # AdamW foreach
+    with torch.no_grad():
+        trunk = computed.trunk
+    init = finetune.EncodedInit("x", encoder, np.arange(n), trunk, computed.features, {i: i for i in range(n)})
+    labels = (np.random.default_rng(0).random((n, 1)) < 0.5).astype(float)
+    members = 3 if scale.name == "tiny" else 15
+    rows = [np.random.default_rng(m).choice(n, 10, replace=False) for m in range(members)]
+    real = torch.optim.AdamW
+    weights, took = {False: [], True: []}, {False: 0.0, True: 0.0}
+    for m, r in enumerate(rows):  # interleaved, so a load change hits both alike
+        for foreach in (False, True):
+            with mock.patch.object(torch.optim, "AdamW", lambda *a, f=foreach, **k: real(*a, **{**k, "foreach": f})):
+                t = time.perf_counter()
+                weights[foreach].append(finetune.train_top(init, labels, r, None, profile.finetune, seed=m,
+                                                           epochs=profile.finetune.kshot_epochs).state_dict())
+                took[foreach] += time.perf_counter() - t
+    results.update(kshot_runs=members, kshot_single_tensor_s=took[False], kshot_foreach_s=took[True],
+                   kshot_speedup_foreach=took[False] / took[True],
+                   kshot_foreach_identical=all(torch.equal(a[k], b[k]) for a, b in zip(weights[False], weights[True])
+                                               for k in a))
+    return results
+
+
 BENCHMARKS = {
     "bootstrap": lambda s, d: bench_bootstrap(s),
+    "levers": lambda s, d: bench_levers(s),
     "screening": bench_screening,
     "precision": lambda s, d: bench_precision(s),
     "kshot_batching": lambda s, d: bench_kshot_batching(s),

@@ -244,13 +244,9 @@ def pretraining_loss(e_img: torch.Tensor, e_tab: torch.Tensor, concepts: torch.T
 
 def public_optimizer(parameters, spec: FinetuneSpec, n_rows: int, epochs: int | None = None):
     """The public optimiser and schedule for ``n_rows`` training rows: AdamW (``Finetuning.py:431``) and OneCycleLR
-    (cosine, ``max(lr, 1e-3)`` peak, :434-447) over ``max(max_epochs, epochs)`` epochs of micro-batches.
-
-    AdamW runs its multi-tensor (``foreach``) implementation, which PyTorch picks by default only on GPUs: on this
-    CPU it gives bit-identical weights (every element's update is the same arithmetic; ``tests/test_finetune.py``
-    pins it) and measured 1.06× on one ``cpu`` init's 225 k-shot runs."""
-    optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                                  foreach=True)
+    (cosine, ``max(lr, 1e-3)`` peak, :434-447) over ``max(max_epochs, epochs)`` epochs of micro-batches. (AdamW's
+    ``foreach`` implementation gives the same weights on this CPU but no measurable speed: ``bench --only levers``.)"""
+    optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
     total_epochs = max(spec.max_epochs, epochs or 0)
     # ≥ 20 steps: OneCycle needs a warm-up phase of at least one step (only the smoke profile's tiny schedules hit it)

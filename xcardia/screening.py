@@ -140,9 +140,9 @@ def _checked(path: Path, spec, fail_on=("error", "contrast")):
     for severity, check, message in findings:
         if severity in fail_on or check in fail_on:
             return f"{check}: {message}", None
-    if spec.series_qc and any(severity == "error" for severity, _c, _m in findings):  # as preprocess_ct refuses
-        check, message = next((c, m) for sev, c, m in findings if sev == "error")
-        return f"{path}: {message}", None
+    errors = [message for severity, _check, message in findings if severity == "error"] if spec.series_qc else []
+    if errors:  # what preprocess_ct would refuse
+        return f"{path}: {errors[0]}", None
     return None, img
 
 
