@@ -226,3 +226,29 @@ def test_encodings_are_reused_exactly_and_recomputed_when_the_entry_or_the_weigh
     other = finetune.prepare_experiment(profile, manifest, {"s": "scratch:1"}, cache, profile.finetune, log=lambda *_: None)
     assert len(sorted((cache / "encoded").rglob("*.pt"))) == 2  # other weights, another entry
     assert not torch.equal(other.inits["s"].trunk, fresh.trunk)
+
+
+def test_an_encoding_that_cannot_be_kept_is_said_once_and_the_evaluation_goes_on(tmp_path):
+    from xcardia.config import get_profile
+    from xcardia.models.image_encoder import ImageEncoder
+
+    class Volumes(torch.utils.data.Dataset):
+        rows = np.arange(3)
+        _v = torch.randn(3, 1, 32, 32, 32)
+
+        def __len__(self):
+            return 3
+
+        def image(self, i):
+            return self._v[i, 0].numpy()
+
+        def __getitem__(self, i):
+            return {"image": self._v[i]}
+
+    encoder = ImageEncoder(get_profile("smoke").model.image).eval()
+    (tmp_path / "encoded").write_text("a file where the cache folder should be")
+    lines = []
+    out = finetune.encode_cached("x", encoder, Volumes(), tmp_path, log=lines.append)
+    assert torch.equal(out.trunk, finetune.encode("x", encoder, Volumes()).trunk)
+    assert len(lines) == 1 and "could not keep x's encoding" in lines[0]
+    assert (tmp_path / "encoded").read_text() == "a file where the cache folder should be"  # nothing overwritten

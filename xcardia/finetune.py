@@ -210,8 +210,11 @@ def encode_cached(name: str, encoder: ImageEncoder, dataset: CohortDataset, cach
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is recomputed, never trusted
             log(f"[finetune] {path}: unreadable ({type(exc).__name__}); encoding {name} again")
     encoded = encode(name, encoder, dataset)
-    write_atomic(path, lambda tmp: torch.save({"rows": torch.as_tensor(rows), "trunk": encoded.trunk,
-                                               "features": torch.as_tensor(encoded.features)}, tmp), suffix=".pt")
+    try:
+        write_atomic(path, lambda tmp: torch.save({"rows": torch.as_tensor(rows), "trunk": encoded.trunk,
+                                                   "features": torch.as_tensor(encoded.features)}, tmp), suffix=".pt")
+    except OSError as exc:  # a full disk or a read-only cache costs the reuse, never the evaluation
+        log(f"[finetune] could not keep {name}'s encoding in {path.parent} ({exc.strerror or exc}); continuing without")
     return encoded
 
 
