@@ -364,7 +364,7 @@ def bench_kshot_batching(scale: Scale) -> dict:
 
     from xcardia.batched import predict_grouped, train_kshot_grouped
     from xcardia.config import get_profile
-    from xcardia.finetune import EncodedInit, TopModel, _predict_top, train_top
+    from xcardia.finetune import EncodedInit, TopModel, predict_top, train_top
     from xcardia.models.image_encoder import ImageEncoder
 
     profile = get_profile("cpu")
@@ -382,7 +382,7 @@ def bench_kshot_batching(scale: Scale) -> dict:
     test = torch.arange(150, n)
     t = time.perf_counter()
     for rows, seed in jobs:
-        _predict_top(train_top(init, labels, rows, None, spec, seed, epochs=spec.kshot_epochs), trunk[test])
+        predict_top(train_top(init, labels, rows, None, spec, seed, epochs=spec.kshot_epochs), trunk[test])
     loop = time.perf_counter() - t
     t = time.perf_counter()
     built = []

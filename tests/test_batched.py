@@ -39,7 +39,7 @@ def test_grouped_members_predict_as_each_trained_alone(dtype, k, epochs, atol):
         spec = finetune.FinetuneSpec()
         jobs = [(t, d, finetune.kshot_subset(labels, np.arange(40), t, k, d)[0]) for t in range(3) for d in range(2)]
         test = torch.as_tensor(np.arange(40, 60))
-        alone = [finetune._predict_top(finetune.train_top(init, labels[:, [t]], rows, None, spec, d, epochs=epochs),
+        alone = [finetune.predict_top(finetune.train_top(init, labels[:, [t]], rows, None, spec, d, epochs=epochs),
                                        init.trunk[test])[:, 0] for t, d, rows in jobs]
         members = []
         for _t, d, _rows in jobs:  # built exactly as train_top builds them
@@ -50,7 +50,7 @@ def test_grouped_members_predict_as_each_trained_alone(dtype, k, epochs, atol):
         together = predict_grouped(grouped, init.trunk[test])[:, :, 0]
         np.testing.assert_allclose(together.T, np.stack(alone), atol=atol)
         one = grouped.member(2, finetune.TopModel(init.encoder, 1))  # a member taken out is the same model
-        np.testing.assert_allclose(finetune._predict_top(one, init.trunk[test])[:, 0], alone[2], atol=atol)
+        np.testing.assert_allclose(finetune.predict_top(one, init.trunk[test])[:, 0], alone[2], atol=atol)
     finally:
         torch.set_default_dtype(default)
 

@@ -69,8 +69,10 @@ def test_paper_protocol_counts_pos_weight_on_the_subset_it_trains_on(monkeypatch
     init = finetune.EncodedInit("x", encoder, np.arange(30), trunk, np.zeros((30, 128)), {i: i for i in range(30)})
     labels = (np.random.default_rng(0).random((30, 2)) < 0.4).astype(float)
     seen = []
-    real = finetune.pos_weight_from_subset
-    monkeypatch.setattr(finetune, "pos_weight_from_subset", lambda y, *a: seen.append(y.clone()) or real(y, *a))
+    from xcardia.finetune import protocol
+
+    real = protocol.pos_weight_from_subset
+    monkeypatch.setattr(protocol, "pos_weight_from_subset", lambda y, *a: seen.append(y.clone()) or real(y, *a))
     subset = np.array([1, 4, 7, 9, 12, 20])
     finetune.train_top(init, labels, subset, None, finetune.FinetuneSpec(), seed=0, epochs=1)
     torch.testing.assert_close(seen[0], torch.as_tensor(labels[subset]))
@@ -187,12 +189,12 @@ def test_fraction_subset_draws_as_the_public_sweep():
 
 def test_a_task_without_training_positives_is_skipped_with_its_reason_and_left_out_of_every_macro():
     """Issue 22.7: at a small fraction a head can see no positive of a task; it is not scored, not counted."""
-    from xcardia.finetune import _record
+    from xcardia.finetune import task_record
 
     y_test = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     scores = np.array([0.9, 0.1, 0.8, 0.2])
-    kept = _record("paper", "x", "fraction", 0.01, 123, 0, y_test, scores, 3, 5)
-    dropped = _record("probe", "x", "fraction", 0.01, 123, 1, y_test, scores, 0, 8)
+    kept = task_record("paper", "x", "fraction", 0.01, 123, 0, y_test, scores, 3, 5)
+    dropped = task_record("probe", "x", "fraction", 0.01, 123, 1, y_test, scores, 0, 8)
     assert kept["skipped"] is None and kept["auroc"] == 1.0
     assert dropped["skipped"] == "no positive in the training subset" and math.isnan(dropped["auroc"])
 
@@ -211,12 +213,14 @@ def test_encodings_are_reused_exactly_and_recomputed_when_the_entry_or_the_weigh
     fresh = finetune.encode("x", first.inits["x"].encoder, union)
     assert torch.equal(fresh.trunk, first.inits["x"].trunk) and np.array_equal(fresh.features, first.inits["x"].features)
 
-    real_encode = finetune.encode
-    monkeypatch.setattr(finetune, "encode", lambda *a, **k: pytest.fail("a cached encoding was computed again"))
+    from xcardia.finetune import encoding
+
+    real_encode = encoding.encode
+    monkeypatch.setattr(encoding, "encode", lambda *a, **k: pytest.fail("a cached encoding was computed again"))
     again = finetune.prepare_experiment(profile, manifest, {"x": str(tiny_run)}, cache, profile.finetune, log=lambda *_: None)
     assert torch.equal(again.inits["x"].trunk, fresh.trunk) and np.array_equal(again.inits["x"].features, fresh.features)
 
-    monkeypatch.setattr(finetune, "encode", real_encode)
+    monkeypatch.setattr(encoding, "encode", real_encode)
     entries[0].write_bytes(b"not a tensor file")
     lines = []
     rebuilt = finetune.prepare_experiment(profile, manifest, {"x": str(tiny_run)}, cache, profile.finetune, log=lines.append)

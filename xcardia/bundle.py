@@ -194,7 +194,7 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
 
     from xcardia import __version__
     from xcardia.data.manifest import load_manifest
-    from xcardia.finetune import _predict_top, labelled_rows, prepare_experiment, train_top
+    from xcardia.finetune import predict_top, labelled_rows, prepare_experiment, train_top
     from xcardia.metrics import bootstrap_auroc_ci, expected_calibration_error
 
     out = Path(out_dir)
@@ -205,7 +205,7 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
     encoded = exp.inits[name]
     train, val, test = labelled_rows(exp.labels, exp.rows["train"]), exp.rows["val"], exp.rows["test"]
     top = train_top(encoded, exp.labels, train, val, spec, seed)
-    raw = {s: _predict_top(top, encoded.trunk[torch.as_tensor(encoded.at(r))]) for s, r in (("val", val), ("test", test))}
+    raw = {s: predict_top(top, encoded.trunk[torch.as_tensor(encoded.at(r))]) for s, r in (("val", val), ("test", test))}
     calibration, points, card_rows = {}, {}, []
     for t, task in enumerate(LABELS):
         calibration[task] = fit_calibration(raw["val"][:, t], exp.labels[val, t], seed)

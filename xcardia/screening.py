@@ -315,7 +315,7 @@ def select_init_on_val(profile, manifest_path, inits: dict[str, str], cache_dir,
     """Which init to export: each candidate trained with the ``paper`` protocol on every training label, scored by
     validation macro AUROC (the test split is not looked at). Returns ``(best name, table)``."""
     from xcardia.data.manifest import load_manifest
-    from xcardia.finetune import _macro_auroc, _predict_top, labelled_rows, prepare_experiment, train_top
+    from xcardia.finetune import macro_auroc, predict_top, labelled_rows, prepare_experiment, train_top
 
     manifest = load_manifest(manifest_path)
     exp = prepare_experiment(profile, manifest, inits, cache_dir, profile.finetune, 0, log=lambda *_: None)
@@ -323,7 +323,7 @@ def select_init_on_val(profile, manifest_path, inits: dict[str, str], cache_dir,
     rows = []
     for name, init in exp.inits.items():
         model = train_top(init, exp.labels, train, val, profile.finetune, seed)
-        score = _macro_auroc(exp.labels[val], _predict_top(model, init.trunk[torch.as_tensor(init.at(val))]))
+        score = macro_auroc(exp.labels[val], predict_top(model, init.trunk[torch.as_tensor(init.at(val))]))
         rows.append({"init": name, "val_macro_auroc": score})
         log(f"[screen] {name}: validation macro AUROC {score:.3f}")
     table = pd.DataFrame(rows).sort_values("val_macro_auroc", ascending=False).reset_index(drop=True)
