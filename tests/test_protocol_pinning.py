@@ -126,3 +126,33 @@ def test_the_paper_protocol_reinitialises_the_feature_layer_and_trains_batchnorm
     assert torch.equal(kept.feature.weight, enc.feature.weight)
     assert not any(m.training for m in kept.modules() if isinstance(m, torch.nn.BatchNorm3d))
     np.testing.assert_array_equal(top.layer4[0].conv1.weight.detach(), enc.backbone.layer4[0].conv1.weight.detach())
+
+
+@pytest.mark.parametrize("variant, n_init", [("paper", "auto"), ("fixed", 10)])
+def test_the_support_bank_kmeans_runs_with_the_variants_n_init(variant, n_init, monkeypatch):
+    """The spec's ``kmeans_n_init`` reaches scikit-learn's ``KMeans`` through the engine's bank rebuild (the public
+    ``Pretraining.py:310`` passes ``n_init="auto"``); a pin of the spec field alone could not see it dropped."""
+    import types
+
+    import sklearn.cluster
+
+    from xcardia.pretrain import _Run
+
+    seen = []
+
+    class SpyKMeans(sklearn.cluster.KMeans):
+        def fit(self, *a, **k):
+            seen.append(self.n_init)
+            return super().fit(*a, **k)
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", SpyKMeans)
+    _, spec = apply_variant(get_profile("smoke").model, PretrainSpec(method="xcardia", variant=variant))
+    rng = np.random.default_rng(0)
+    embedded = {"query": torch.as_tensor(rng.normal(size=(40, 8)), dtype=torch.float32),
+                "concepts": torch.as_tensor((rng.random((40, 4)) < 0.5).astype(np.float32)),
+                "index": torch.arange(40)}
+    run = types.SimpleNamespace(spec=spec, model=None, precision=types.SimpleNamespace(autocast=None),
+                                embed_train=lambda *a: embedded)
+    bank = _Run.rebuild_kmeans_bank(run)
+    assert len(bank.indices) > 0 and seen and set(seen) == {n_init}
+

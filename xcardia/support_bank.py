@@ -100,7 +100,7 @@ def build_kmeans_bank(embeddings: torch.Tensor, targets: torch.Tensor, indices: 
     keep = order[np.concatenate([[True], idx_sorted[1:] != idx_sorted[:-1]])]
     emb = all_emb[keep]
     tgt = all_tgt[keep]
-    pick = kmeans_exemplars(emb.cpu().numpy(), tgt.cpu().numpy(), k_per_concept, seed)
+    pick = kmeans_exemplars(emb.cpu().numpy(), tgt.cpu().numpy(), k_per_concept, seed, n_init=n_init)
     pick_t = torch.as_tensor(pick, device=emb.device)
     return SupportBank(emb[pick_t].clone(), tgt[pick_t].clone(), all_idx[keep][pick_t].clone())
 
