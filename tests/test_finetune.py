@@ -256,3 +256,85 @@ def test_an_encoding_that_cannot_be_kept_is_said_once_and_the_evaluation_goes_on
     assert torch.equal(out.trunk, finetune.encode("x", encoder, Volumes()).trunk)
     assert len(lines) == 1 and "could not keep x's encoding" in lines[0]
     assert (tmp_path / "encoded").read_text() == "a file where the cache folder should be"  # nothing overwritten
+
+
+class _RandomVolumes(torch.utils.data.Dataset):
+    """A stand-in for a CohortDataset: ``n`` volumes of HU-like contrast (positive mean, SD far from 1)."""
+
+    def __init__(self, n: int, seed: int = 0, offset: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self._v = 0.3 + 0.5 * torch.randn(n, 1, 32, 32, 32, generator=g)
+        self.rows = np.arange(offset, offset + n)
+
+    def __len__(self):
+        return len(self._v)
+
+    def image(self, i):
+        return self._v[i, 0].numpy()
+
+    def __getitem__(self, i):
+        return {"image": self._v[i]}
+
+
+def _trunk_batchnorm_outputs(encoder, volumes) -> list[torch.Tensor]:
+    """Every frozen-trunk BatchNorm's eval-mode output on ``volumes``, as (channels, values)."""
+    outputs, hooks = [], []
+    b = encoder.backbone
+    for module in torch.nn.ModuleList([b.bn1, b.layer1, b.layer2, b.layer3]).modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o: outputs.append(o.transpose(0, 1).reshape(o.shape[1], -1))))
+    with torch.no_grad():
+        encoder.eval().trunk(torch.stack([volumes[i]["image"] for i in range(len(volumes))]))
+    for h in hooks:
+        h.remove()
+    return outputs
+
+
+def test_a_scratch_trunk_is_normalised_once_its_batchnorm_is_reestimated_on_the_training_volumes():
+    """Issue 30.1: a scratch init's BatchNorm statistics are 0 / 1, so in eval mode its frozen trunk is not
+    normalised at all; re-estimated on the training volumes (the adopted treatment), every trunk BatchNorm's
+    output has per-channel mean ≈ 0 and SD ≈ 1 on those volumes, as in the public loop's train-mode trunk."""
+    from xcardia.config import get_profile
+    from xcardia.models.image_encoder import ImageEncoder
+
+    torch.manual_seed(0)
+    scratch = ImageEncoder(get_profile("smoke").model.image).eval()
+    train = _RandomVolumes(36)
+    before = _trunk_batchnorm_outputs(scratch, train)
+    assert max(float(o.std(1).sub(1).abs().max()) for o in before) > 0.5  # identity BatchNorm: not normalised
+
+    treated = finetune.reestimate_trunk_batchnorm(scratch, train, batch_size=12)
+    after = _trunk_batchnorm_outputs(treated, train)
+    assert len(after) == len(before) > 3
+    for o in after:
+        assert float(o.mean(1).abs().max()) < 0.15 and float(o.std(1).sub(1).abs().max()) < 0.15
+    # only the frozen stages moved: weights, layer4's statistics and the feature layer are the init's
+    same = {k: torch.equal(v, treated.state_dict()[k]) for k, v in scratch.state_dict().items()}
+    assert all(v for k, v in same.items() if not k.startswith(("backbone.bn1.", "backbone.layer1.", "backbone.layer2.",
+                                                              "backbone.layer3.")) or not k.endswith(("running_mean",
+                                                              "running_var", "num_batches_tracked")))
+    assert not all(same.values())
+
+
+def test_a_reestimated_encoding_is_cached_with_its_statistics_and_keyed_apart_from_the_init_ones(tmp_path):
+    """The cache keeps the re-estimated statistics (so the init's encoder — what a bundle exports — carries them
+    when read back) and never serves an init-statistics entry for a re-estimated request or the reverse."""
+    from xcardia.config import get_profile
+    from xcardia.models.image_encoder import ImageEncoder
+
+    torch.manual_seed(1)
+    encoder = ImageEncoder(get_profile("smoke").model.image).eval()
+    union, train = _RandomVolumes(20, seed=2), _RandomVolumes(12, seed=2)
+    plain = finetune.encode_cached("x", encoder, union, tmp_path, log=lambda *_: None)
+    first = finetune.encode_cached("x", encoder, union, tmp_path, log=lambda *_: None, batchnorm_data=train)
+    assert len(list((tmp_path / "encoded").rglob("*.pt"))) == 2
+    assert not torch.equal(plain.trunk, first.trunk)
+    again = finetune.encode_cached("x", encoder, union, tmp_path, log=lambda *_: None, batchnorm_data=train)
+    assert torch.equal(again.trunk, first.trunk)
+    expected = finetune.trunk_batchnorm_state(first.encoder)
+    assert all(torch.equal(v, finetune.trunk_batchnorm_state(again.encoder)[k]) for k, v in expected.items())
+    assert torch.equal(finetune.encode("x", again.encoder, union).trunk, first.trunk)  # the encoder computes it
+    # the caller's encoder is never modified
+    assert all(torch.equal(v, finetune.trunk_batchnorm_state(encoder)[k]) for k, v in
+               finetune.trunk_batchnorm_state(plain.encoder).items())

@@ -156,3 +156,40 @@ def test_the_support_bank_kmeans_runs_with_the_variants_n_init(variant, n_init, 
     bank = _Run.rebuild_kmeans_bank(run)
     assert len(bank.indices) > 0 and seen and set(seen) == {n_init}
 
+
+@pytest.mark.parametrize("schedule", ["span", "public_length"])
+def test_the_kshot_schedule_is_the_one_cycle_the_spec_names(schedule):
+    """5 shots (10 rows: one micro-batch per epoch, an optimiser step every second epoch) for 25 epochs, as the
+    ``cpu`` profile runs them. ``span`` (the default, register D9): the OneCycle spans exactly the run — 5e-3 through
+    the warm-up, then a cosine that reaches the public final rate 5e-4 at the last micro-batch. ``public_length``:
+    the schedule sized for 100 epochs, cut after 25 — every step within 10 % of the 5e-3 peak."""
+    from xcardia.finetune import EncodedInit, train_top
+    from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
+
+    spec = FinetuneSpec(kshot_epochs=25, kshot_schedule=schedule)
+    encoder = ImageEncoder(ImageEncoderSpec(arch="resnet10", widths=(8, 8, 16, 16), conv1_size=3, max_pool=False))
+    with torch.no_grad():
+        trunk = encoder.eval().trunk(torch.randn(10, 1, 16, 16, 16))
+    init = EncodedInit("x", encoder, np.arange(10), trunk, np.zeros((10, 128)), {i: i for i in range(10)})
+    labels = np.array([[1.0]] * 5 + [[0.0]] * 5)
+    seen_lr = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen_lr.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = spy
+    try:
+        train_top(init, labels, np.arange(10), None, spec, seed=0, epochs=spec.kshot_epochs)
+    finally:
+        torch.optim.AdamW.step = real_step
+    assert len(seen_lr) == 12  # 25 micro-batches, an optimiser step after every second
+    assert seen_lr[0] == pytest.approx(5e-3)
+    assert all(a >= b - 1e-12 for a, b in zip(seen_lr, seen_lr[1:]))
+    if schedule == "span":
+        # the last optimiser step comes one micro-batch before the schedule's end: within 5 % of 5e-4
+        assert 5e-4 <= seen_lr[-1] <= 1.05 * 5e-4
+        assert seen_lr[6] < 0.7 * 5e-3  # annealing by mid-run
+    else:
+        assert min(seen_lr) > 0.9 * 5e-3

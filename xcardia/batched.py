@@ -144,7 +144,7 @@ def train_kshot_grouped(members: list[nn.Module], trunk: torch.Tensor, rows: lis
     params = model.member_parameters()
     y = torch.as_tensor(np.stack(targets, axis=1), dtype=torch.float32)  # (n, M, T)
     pos_weight = torch.stack([pos_weight_from_subset(y[:, m], spec.pos_weight_cap) for m in range(n_members)])
-    optimizer, scheduler = public_optimizer(params, spec, n, epochs)
+    optimizer, scheduler = public_optimizer(params, spec, n, epochs, span=spec.kshot_schedule == "span")
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     rows_t = torch.as_tensor(np.stack(rows))  # (M, n)
     member_index = torch.arange(n_members)

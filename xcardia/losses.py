@@ -242,13 +242,17 @@ def pretraining_loss(e_img: torch.Tensor, e_tab: torch.Tensor, concepts: torch.T
     return loss, parts
 
 
-def public_optimizer(parameters, spec: FinetuneSpec, n_rows: int, epochs: int | None = None):
+def public_optimizer(parameters, spec: FinetuneSpec, n_rows: int, epochs: int | None = None, span: bool = False):
     """The public optimiser and schedule for ``n_rows`` training rows: AdamW (``Finetuning.py:431``) and OneCycleLR
-    (cosine, ``max(lr, 1e-3)`` peak, :434-447) over ``max(max_epochs, epochs)`` epochs of micro-batches. (AdamW's
-    ``foreach`` implementation gives the same weights on this CPU but no measurable speed: ``bench --only levers``.)"""
+    (cosine, ``max(lr, 1e-3)`` peak, :434-447) over ``max(max_epochs, epochs)`` epochs of micro-batches — or, with
+    ``span``, over exactly ``epochs`` (a fixed-length run that anneals to the final rate as the public schedule does
+    over its run: the k-shot stand-in, register D9). (AdamW's ``foreach`` implementation gives the same weights on
+    this CPU but no measurable speed: ``bench --only levers``.)"""
     optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
-    total_epochs = max(spec.max_epochs, epochs or 0)
+    if span and not epochs:
+        raise ValueError("a schedule that spans the run needs its number of epochs")
+    total_epochs = epochs if span else max(spec.max_epochs, epochs or 0)
     # ≥ 20 steps: OneCycle needs a warm-up phase of at least one step (only the smoke profile's tiny schedules hit it)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max(spec.lr, 1e-3), total_steps=max(20, steps_per_epoch * total_epochs),

@@ -113,8 +113,17 @@ class FinetuneSpec:
         reinit_feature: the 2048 → 128 feature layer after the backbone is re-initialised (:336-338).
         train_batchnorm: BatchNorm of the trained stage in training mode (``model_engine.train()``, :556).
         pos_weight_cap: an upper bound on BCE ``pos_weight`` (None: the public code has none, :449-459).
-        kshot_epochs: k-shot fine-tuning runs this many epochs of the same schedule, no early stopping (a k-shot
-            user has no labelled validation set; the public code has no k-shot sampler).
+        kshot_epochs: k-shot fine-tuning runs this many epochs, no early stopping (a k-shot user has no labelled
+            validation set; the public code has no k-shot sampler).
+        kshot_schedule: ``"span"``: the k-shot OneCycle spans exactly ``kshot_epochs`` (warm-up, then cosine to the
+            final rate, as the public schedule does over its run); ``"public_length"``: sized for ``max_epochs`` and
+            cut after ``kshot_epochs`` (the rate never anneals; the reference runs before issue 30). Decided before
+            any number with it existed (register D9).
+        trunk_batchnorm: the frozen stages' BatchNorm statistics. ``"init"``: the init's own (eval mode; for a
+            scratch init mean 0 / variance 1, i.e. no normalisation); ``"train_split"``: re-estimated once per init
+            on the training split's volumes, in micro-batches of ``batch_size`` (the public loop's train-mode trunk
+            re-estimates them on the fine-tuning data, ``Finetuning.py:556``; register D3). The frozen trunk is then
+            cached either way.
         scratch_all_max_epochs: the all-layers-trainable scratch baseline (public: the same 100).
         batched_kshot: train the k-shot ``paper`` runs of one init and k as grouped models (:mod:`xcardia.batched`;
             same predictions to float tolerance). Off by default: on this 2-core CPU the grouped 3-D convolutions
@@ -138,6 +147,8 @@ class FinetuneSpec:
     train_batchnorm: bool = True
     pos_weight_cap: float | None = None
     kshot_epochs: int = 40
+    kshot_schedule: str = "span"
+    trunk_batchnorm: str = "init"
     scratch_all_max_epochs: int = 100
     batched_kshot: bool = False
     kshot_group_size: int = 64
@@ -151,6 +162,11 @@ class FinetuneSpec:
     kshot_paper_ks: tuple[int, ...] = (1, 5, 10, 25)
     probe_c: float = 1.0
     n_boot: int = 1000
+
+    def __post_init__(self):
+        for name, allowed in (("kshot_schedule", ("span", "public_length")), ("trunk_batchnorm", ("init", "train_split"))):
+            if getattr(self, name) not in allowed:
+                raise XcardiaError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

@@ -19,7 +19,7 @@ from xcardia.errors import XcardiaError
 from xcardia.finetune.encoding import EncodedInit, _volumes_digest, build_init, encode_cached, refuse_unfinished
 from xcardia.finetune.probe import linear_probe
 from xcardia.finetune.protocol import TopModel, predict_top, train_top
-from xcardia.finetune.scratch_all import train_scratch_all
+from xcardia.finetune.whole_network import train_scratch_all
 from xcardia.finetune.subsets import fraction_subset, kshot_draw_seed, kshot_subset, labelled_rows
 from xcardia.metrics import auprc, auroc
 from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec
@@ -57,12 +57,14 @@ class Experiment:
 
     def add_init(self, name: str, encoder: ImageEncoder, log=print) -> EncodedInit:
         """Encode ``name`` on train + val + test (reusing the encoding cache under the preprocessing cache's
-        folder when it holds these weights on these volumes)."""
+        folder when it holds these weights on these volumes), the frozen trunk's BatchNorm statistics treated as
+        ``spec.trunk_batchnorm`` says (re-estimated on the training split's volumes, or the init's own)."""
         union = CohortDataset.from_parts([self.datasets[s] for s in ("train", "val", "test")])  # volumes in RAM
         if self._volumes_digest is None:
             self._volumes_digest = _volumes_digest(union)
+        batchnorm_data = self.datasets["train"] if self.spec.trunk_batchnorm == "train_split" else None
         self.inits[name] = encode_cached(name, encoder, union, self.cache.root if self.cache is not None else None,
-                                         self._volumes_digest, log)
+                                         self._volumes_digest, log, batchnorm_data, self.spec.batch_size)
         return self.inits[name]
 
     def test_labels(self) -> np.ndarray:

@@ -62,7 +62,7 @@ def predict_top(model: TopModel, trunk: torch.Tensor, batch: int = 256) -> np.nd
 
 
 def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor, spec: FinetuneSpec, seed: int,
-                          validate=None, epochs: int | None = None) -> EarlyStopping:
+                          validate=None, epochs: int | None = None, span_schedule: bool = False) -> EarlyStopping:
     """The public fine-tuning loop (``Finetuning.py:422-616``) over ``len(y)`` training rows.
 
     ``forward(rows)`` returns the logits (B, T) of those training rows; ``validate()`` the validation macro AUROC
@@ -71,7 +71,8 @@ def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor
     skipped, :462-476, :565-566) with ``pos_weight`` from these rows (defect 7 fixed); gradients are accumulated over
     ``grad_accum_steps`` micro-batches counted across epochs (DeepSpeed's global micro-step), clipped to norm
     ``grad_clip``, then AdamW steps; OneCycleLR (cosine, ``max(lr, 1e-3)`` peak) is stepped every micro-batch over
-    ``max_epochs`` epochs' worth of micro-batches. The best epoch's weights are loaded back into ``model``.
+    ``max_epochs`` epochs' worth of micro-batches (``span_schedule``: over exactly ``epochs``, the k-shot stand-in's
+    schedule, register D9). The best epoch's weights are loaded back into ``model``.
 
     Returns:
         The stopper (``best_epoch``, ``epochs``, ``best``) for the record.
@@ -80,7 +81,7 @@ def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in parameters if p.requires_grad]
     pos_weight = pos_weight_from_subset(y, spec.pos_weight_cap)
-    optimizer, scheduler = public_optimizer(parameters, spec, len(y), epochs)
+    optimizer, scheduler = public_optimizer(parameters, spec, len(y), epochs, span=span_schedule)
     stopper = EarlyStopping(spec.patience, spec.min_delta, spec.min_epochs)
     micro = 0
     optimizer.zero_grad(set_to_none=True)
@@ -115,7 +116,8 @@ def train_public_protocol(model: nn.Module, parameters, forward, y: torch.Tensor
 def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray | None,
               spec: FinetuneSpec, seed: int, epochs: int | None = None) -> TopModel:
     """The paper's protocol on ``train_rows`` (:func:`train_public_protocol` on the cached frozen trunk): early
-    stopping on validation macro AUROC when ``val_rows`` is given, else ``epochs`` fixed epochs."""
+    stopping on validation macro AUROC when ``val_rows`` is given, else ``epochs`` fixed epochs under the k-shot
+    schedule ``spec.kshot_schedule``."""
     torch.manual_seed(seed)
     model = TopModel(init.encoder, labels.shape[1], spec.reinit_feature, spec.train_batchnorm)
     trunk = init.trunk[torch.as_tensor(init.at(train_rows))]
@@ -124,5 +126,7 @@ def train_top(init: EncodedInit, labels: np.ndarray, train_rows: np.ndarray, val
     if val_rows is not None:
         val_trunk = init.trunk[torch.as_tensor(init.at(val_rows))]
         validate = lambda: macro_auroc(labels[val_rows], predict_top(model, val_trunk))  # noqa: E731
-    train_public_protocol(model, model.parameters(), lambda take: model(trunk[take]), y, spec, seed, validate, epochs)
+    span = val_rows is None and epochs is not None and spec.kshot_schedule == "span"
+    train_public_protocol(model, model.parameters(), lambda take: model(trunk[take]), y, spec, seed, validate, epochs,
+                          span_schedule=span)
     return model
