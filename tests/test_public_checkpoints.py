@@ -93,3 +93,56 @@ def test_a_companion_resnet50_file_is_not_the_public_one():
     public = {k: v for k, v in _state(FIXTURE["pretraining_multimodal_nw"]).items()}
     with pytest.raises(XcardiaError, match=r"4 encoder tensor\(s\) missing \(e\.g\. backbone\.layer1\.0\.downsample\.0\.bias"):
         load_encoder_state(monai_default, public)
+
+
+def _public_forward_fixture():
+    return json.loads((Path(__file__).parent / "fixtures" / "public_resnet50_forward.json").read_text())
+
+
+def _multitask(state: dict) -> dict:
+    """The same tensors in ``Finetuning.py``'s ``MultiTaskModel`` naming (backbone.*, its fc the feature layer)."""
+    out = {"backbone." + k[len("res3d."):]: v for k, v in state.items()
+           if k.startswith("res3d.") and not k.startswith("res3d.fc.")}
+    out.update({"backbone.fc." + k[len("fc_img."):]: v for k, v in state.items() if k.startswith("fc_img.")})
+    g = torch.Generator().manual_seed(5)
+    for n in range(10):
+        out[f"heads.{n}.weight"], out[f"heads.{n}.bias"] = torch.randn(1, 128, generator=g), torch.zeros(1)
+    return out
+
+
+def _released(state: dict) -> dict:
+    """The released checkpoint's shape: a MultiModalNW state dict with its tabular side and projections, under
+    ``"state_dict"`` (the public README: ``model.load_state_dict(checkpoint["state_dict"], strict=False)``)."""
+    g = torch.Generator().manual_seed(6)
+    extra = {"proj_img.0.weight": torch.randn(256, 128, generator=g), "proj_img.0.bias": torch.zeros(256),
+             "tab_enc.token_embed.weight": torch.randn(46, 256, generator=g), "nw_head.log_tau": torch.zeros(())}
+    return {"state_dict": {**state, **extra}, "epoch": 42}
+
+
+@pytest.mark.parametrize("wrapper, wrap, ignored", [
+    ("bare MultiModalNW (best.pth)", lambda s: s, "res3d.fc.* 2"),
+    ("released {'state_dict': …}", _released, "ignored 6"),
+    ("DDP module.-prefixed", lambda s: {"module." + k: v for k, v in s.items()}, "res3d.fc.* 2"),
+    ("released, module.-prefixed", lambda s: _released({"module." + k: v for k, v in s.items()}), "ignored 6"),
+    ("Finetuning.py {'model': …}", lambda s: {"model": _multitask(s), "epoch": 3, "macro_val_auc": 0.7}, "heads.* 20"),
+    ("Finetuning.py module.-prefixed", lambda s: {"model": {"module." + k: v for k, v in _multitask(s).items()}},
+     "heads.* 20"),
+])
+def test_a_public_checkpoint_computes_what_the_public_model_computes(tmp_path, wrapper, wrap, ignored):
+    """Issue 30.5: every wrapper a public file comes in loads strictly, says in one line what it mapped and ignored,
+    and the loaded encoder's 128-d feature equals the public MultiModalNW's (``res3d`` → ``fc_img``) on the same
+    input — computed once by the public ``Pretrain/resnet.py`` (``tests/fixtures/public_resnet50_forward.json``),
+    so a key mapped to the wrong tensor or a stride read the wrong way round cannot pass."""
+    from public_weights import public_input, public_like_state
+
+    state = public_like_state(FIXTURE["pretraining_multimodal_nw"])
+    torch.save(wrap(state), tmp_path / "public.pth")
+    encoder, meta = load_encoder(tmp_path / "public.pth")
+    assert encoder.spec == PUBLIC_ARCHITECTURE, wrapper
+    report = meta["load_report"]
+    assert report.startswith("loaded 320 encoder tensors") and "none missing" in report and ignored in report, report
+    assert "\n" not in report
+    with torch.no_grad():
+        feature = encoder.eval()(public_input().permute(0, 1, 4, 3, 2))  # our (X, Y, Z) = the public (D, H, W) read back
+    expected = torch.tensor(_public_forward_fixture()["feature"]).unsqueeze(0)
+    torch.testing.assert_close(feature, expected, rtol=1e-4, atol=1e-4)

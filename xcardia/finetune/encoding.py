@@ -57,9 +57,11 @@ def refuse_unfinished(source: str, allow_unfinished: bool = False, log=print) ->
     return True
 
 
-def build_init(source: str, image_spec: ImageEncoderSpec, preprocess: PreprocessSpec, seed: int) -> ImageEncoder:
+def build_init(source: str, image_spec: ImageEncoderSpec, preprocess: PreprocessSpec, seed: int,
+               log=None) -> ImageEncoder:
     """``scratch`` or ``scratch:K`` (random weights, seeded with ``seed + K``) or a pretrained encoder (run folder,
-    encoder file), checked against this preprocessing."""
+    encoder file, a public checkpoint), checked against this preprocessing. A file from the public code gets its
+    one-line load report (what was mapped, ignored, missing) in ``log``."""
     if source == "scratch" or source.startswith("scratch:"):
         offset = source.partition(":")[2]
         if offset and not offset.isdigit():
@@ -67,6 +69,8 @@ def build_init(source: str, image_spec: ImageEncoderSpec, preprocess: Preprocess
         torch.manual_seed(seed + int(offset or 0))
         return ImageEncoder(image_spec)
     encoder, meta = load_encoder(source)
+    if log is not None and str(meta.get("source", "")).startswith("public"):
+        log(f"[finetune] {source} ({meta['source']}): {meta['load_report']}")
     trained_on = meta.get("preprocess")
     if trained_on and (tuple(trained_on["shape"]) != tuple(preprocess.shape)
                        or float(trained_on["spacing_mm"]) != float(preprocess.spacing_mm)):

@@ -216,7 +216,7 @@ def prepare_experiment(profile, manifest, inits: dict[str, str], cache_dir, spec
     spec = spec or FinetuneSpec()
     for source in inits.values():
         refuse_unfinished(str(source), allow_unfinished, lambda *_: None)
-    encoders = {name: build_init(str(source), profile.model.image, profile.preprocess, seed)  # refuse bad inits first
+    encoders = {name: build_init(str(source), profile.model.image, profile.preprocess, seed, log)  # refuse bad inits first
                 for name, source in inits.items()}
     exp = Experiment(manifest, profile.model.image, profile.preprocess, PreprocessCache(cache_dir, profile.preprocess), spec)
     for s in ("train", "val", "test"):

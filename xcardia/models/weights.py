@@ -12,7 +12,13 @@ The public code's files load too, into :data:`PUBLIC_ARCHITECTURE` (its Hara Res
   the backbone and ``fc_img.*`` the 2048 → 128 feature layer; ``res3d.fc.*`` exists in that file but the model's
   forward never uses it (:240-254), so it is dropped;
 - ``Finetuning.py``'s ``best_model.pt`` (``{"model": MultiTaskModel state dict, "epoch", "macro_val_auc"}``,
-  :599): ``backbone.*`` is the backbone and ``backbone.fc.*`` the feature layer (:336-338); the heads are dropped.
+  :599): ``backbone.*`` is the backbone and ``backbone.fc.*`` the feature layer (:336-338); the heads are dropped;
+- the released checkpoint as the public README loads it (``checkpoint["state_dict"]``, README "Loading Pretrained
+  Weights"), and any of these saved from a DDP/DeepSpeed wrapper (every key prefixed ``module.``).
+
+Loading is strict: every encoder tensor must come from the file. What was mapped, what was ignored (the unused
+classifier, the tabular side, projections, heads) and what is missing is said in one line
+(``metadata["load_report"]``), so a user sees what a file contributed.
 """
 
 from __future__ import annotations
@@ -48,11 +54,17 @@ def save_encoder(path: str | os.PathLike, encoder: ImageEncoder, metadata: dict)
     return path
 
 
+def _unwrapped(key: str) -> str:
+    """``key`` without the ``module.`` prefix a DDP/DeepSpeed wrapper adds (``module.image_encoder.`` is a known
+    prefix of its own)."""
+    return key[len("module."):] if key.startswith("module.") and not key.startswith("module.image_encoder.") else key
+
+
 def map_encoder_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Encoder tensors of ``state_dict`` under the encoder's own key names (other tensors are dropped)."""
     mapped = {}
     for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.res3d.") or key.startswith("module.fc_img.") else key
+        key = _unwrapped(key)
         for prefix, replacement in KEY_PREFIXES.items():
             if key.startswith(prefix):
                 if replacement is not None:
@@ -64,8 +76,30 @@ def map_encoder_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return mapped
 
 
-def load_encoder_state(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """Load ``state_dict`` into ``encoder`` strictly, after mapping keys; refuse with the offending keys listed."""
+def load_report(state_dict: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> str:
+    """One line: how many encoder tensors were loaded and from which prefixes, and which of the file's other tensors
+    were ignored (grouped by their first name component)."""
+    used, ignored = {}, {}
+    for key in state_dict:
+        bare = _unwrapped(key)
+        target = next((p for p in KEY_PREFIXES if bare.startswith(p)), None)
+        if target is not None and KEY_PREFIXES[target] is not None:
+            used[target + "*"] = used.get(target + "*", 0) + 1
+        elif target is None and bare.startswith(("backbone.", "feature.")):
+            group = bare.split(".")[0] + ".*"
+            used[group] = used.get(group, 0) + 1
+        else:
+            group = (target + "*") if target else bare.split(".")[0] + ".*"
+            ignored[group] = ignored.get(group, 0) + 1
+    line = f"loaded {len(mapped)} encoder tensors ({', '.join(f'{k} {v}' for k, v in used.items())})"
+    line += (f"; ignored {sum(ignored.values())} ({', '.join(f'{k} {v}' for k, v in sorted(ignored.items()))})"
+             if ignored else "; nothing ignored")
+    return line + "; none missing"
+
+
+def load_encoder_state(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor], source: str = "weights") -> str:
+    """Load ``state_dict`` into ``encoder`` strictly, after mapping keys; refuse with the offending keys listed.
+    Returns the one-line :func:`load_report`."""
     mapped = map_encoder_keys(state_dict)
     expected = encoder.state_dict()
     missing = sorted(k for k in expected if k not in mapped)
@@ -82,6 +116,7 @@ def load_encoder_state(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor
         raise XcardiaError(f"{source}: cannot load the image encoder: {'; '.join(parts)}. Pretrained weights are "
                            f"never loaded partially; check that the architecture matches the profile")
     encoder.load_state_dict(mapped, strict=True)
+    return load_report(state_dict, mapped)
 
 
 def _is_public_state(payload: dict) -> bool:
@@ -112,18 +147,23 @@ def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
                            f"written by xcardia, a pretraining run folder, or 'scratch'") from None
     if not isinstance(payload, dict):
         raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint")
+    wrapper = ""
+    if isinstance(payload.get("state_dict"), dict) and payload.get("format") != ENCODER_FORMAT:
+        payload, wrapper = payload["state_dict"], "['state_dict'] "  # the released checkpoint (public README)
     if payload.get("format") == ENCODER_FORMAT:
         spec, state, metadata = payload["spec"], payload["state_dict"], payload.get("metadata", {})
     elif "model" in payload and "config" in payload:  # a pretraining checkpoint
         spec = payload["config"]["model"]["image"]
         state, metadata = payload["model"], {"source": "checkpoint", "epoch": payload.get("epoch")}
-    elif _is_public_state(payload):  # Pretraining.py's best.pth / latest.pth
-        spec, state, metadata = PUBLIC_ARCHITECTURE.to_dict(), payload, {"source": "public Pretraining.py"}
+    elif _is_public_state(payload):  # Pretraining.py's best.pth / latest.pth, or the released checkpoint's state_dict
+        spec, state = PUBLIC_ARCHITECTURE.to_dict(), payload
+        metadata = {"source": f"public Pretraining.py {wrapper}".rstrip()}
     elif isinstance(payload.get("model"), dict) and _is_public_state(payload["model"]):  # Finetuning.py's best_model.pt
         spec, state = PUBLIC_ARCHITECTURE.to_dict(), payload["model"]
         metadata = {"source": "public Finetuning.py", "epoch": payload.get("epoch")}
     else:
-        raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint (no 'format' or 'model' entry)")
+        raise XcardiaError(f"{p}: not an xcardia encoder or checkpoint (no 'format', 'model' or 'state_dict' entry "
+                           f"holding a known model's tensors)")
     try:
         encoder = ImageEncoder(ImageEncoderSpec.from_dict(spec))
     except (KeyError, TypeError, ValueError) as exc:
@@ -131,5 +171,5 @@ def load_encoder(path: str | os.PathLike) -> tuple[ImageEncoder, dict]:
                            f"re-export it with xcardia or pass the pretraining run folder") from None
     if not isinstance(state, dict):
         raise XcardiaError(f"{p}: the encoder file holds no state_dict of tensors")
-    load_encoder_state(encoder, state, source=str(p))
+    metadata["load_report"] = load_encoder_state(encoder, state, source=str(p))
     return encoder, metadata
