@@ -187,8 +187,11 @@ def test_fraction_subset_draws_as_the_public_sweep():
     assert np.array_equal(fraction_subset(rows, 0.1, 123), rows[expected])
 
 
-def test_a_task_without_training_positives_is_skipped_with_its_reason_and_left_out_of_every_macro():
-    """Issue 22.7: at a small fraction a head can see no positive of a task; it is not scored, not counted."""
+def test_a_task_without_training_positives_is_skipped_in_the_trained_macro_and_scored_in_the_public_one():
+    """Issue 22.7: at a small fraction a head can see no positive of a task; the companion's macro does not score
+    it. Issue 30.4: the public macro (every task with both classes in test, ``Finetuning.py:504-521``) scores the
+    head the loop left; ``curve_table`` reports both, each with the number of tasks it averages."""
+    from xcardia.reporting import curve_table
     from xcardia.finetune import task_record
 
     y_test = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
@@ -197,6 +200,14 @@ def test_a_task_without_training_positives_is_skipped_with_its_reason_and_left_o
     dropped = task_record("probe", "x", "fraction", 0.01, 123, 1, y_test, scores, 0, 8)
     assert kept["skipped"] is None and kept["auroc"] == 1.0
     assert dropped["skipped"] == "no positive in the training subset" and math.isnan(dropped["auroc"])
+    assert kept["auroc_public"] == 1.0 and dropped["auroc_public"] == 0.25 # the head's scores, scored as public code
+    no_test_positive = task_record("paper", "x", "fraction", 0.01, 123, 1, y_test[[0, 3]], scores[[0, 3]], 3, 5)
+    assert math.isnan(no_test_positive["auroc_public"])  # both definitions need both classes in test
+
+    dropped_paper = task_record("paper", "x", "fraction", 0.01, 123, 1, y_test, scores, 0, 8)
+    curve = curve_table(pd.DataFrame([kept, dropped_paper]), "fraction").iloc[0]
+    assert (curve["mean"], curve["n_tasks"]) == (1.0, 1)
+    assert (curve["public_mean"], curve["public_n_tasks"]) == (0.625, 2)
 
 
 def test_encodings_are_reused_exactly_and_recomputed_when_the_entry_or_the_weights_change(tiny_cohort, tiny_run,

@@ -215,19 +215,42 @@ def paired_table(y_test: np.ndarray, predictions: dict, protocol: str, compariso
     return pd.DataFrame(rows)
 
 
-def macro_per_seed(records: pd.DataFrame) -> pd.DataFrame:
-    """Macro AUROC (mean over tasks with a score) for each (protocol, init, setting, value, seed)."""
+#: The two macro definitions (issue 30.4): ``auroc`` averages the tasks trained and scored (a task whose training
+#: subset lacks a class is skipped); ``auroc_public`` the public code's, every task with both classes in test
+#: (``Finetuning.py:504-521``), a task its subset could not train scored from the head the loop left.
+MACRO_COLUMNS = ("auroc", "auroc_public")
+
+
+def macro_per_seed(records: pd.DataFrame, column: str = "auroc") -> pd.DataFrame:
+    """Macro AUROC (mean over tasks with a score in ``column``) for each (protocol, init, setting, value, seed), and
+    how many tasks it averages (``n_tasks``). The result's score column is always named ``auroc``."""
     keys = ["protocol", "init", "setting", "value", "seed"]
-    scored = records[records["auroc"].notna()]
-    return scored.groupby(keys, as_index=False)["auroc"].mean()
+    if column not in records:
+        return pd.DataFrame(columns=[*keys, "auroc", "n_tasks"])
+    scored = records[records[column].notna()]
+    return (scored.groupby(keys, as_index=False)
+            .agg(auroc=(column, "mean"), n_tasks=("task", "nunique")))
 
 
 def curve_table(records: pd.DataFrame, setting: str) -> pd.DataFrame:
-    """Per protocol × init × value (fraction or k): mean macro AUROC over seeds with a t-interval."""
-    per_seed = macro_per_seed(records[records["setting"] == setting])
+    """Per protocol × init × value (fraction or k): mean macro AUROC over seeds with a t-interval and the number of
+    tasks it averages, under both macro definitions (``public_*`` columns: the public code's, see
+    :data:`MACRO_COLUMNS`)."""
+    part = records[records["setting"] == setting]
+    per_seed = macro_per_seed(part)
+    public = macro_per_seed(part, "auroc_public").set_index(["protocol", "init", "value", "seed"])
     rows = []
     for (protocol, init, value), group in per_seed.groupby(["protocol", "init", "value"]):
-        rows.append({"protocol": protocol, "init": init, "value": value, **mean_ci(group["auroc"], bounds=(0, 1))})
+        row = {"protocol": protocol, "init": init, "value": value, **mean_ci(group["auroc"], bounds=(0, 1)),
+               "n_tasks": int(group["n_tasks"].max())}
+        try:
+            other = public.loc[(protocol, init, value)]
+            p = mean_ci(other["auroc"], bounds=(0, 1))
+            row.update(public_mean=p["mean"], public_ci_low=p["ci_low"], public_ci_high=p["ci_high"],
+                       public_n_tasks=int(other["n_tasks"].max()))
+        except KeyError:
+            row.update(public_mean=math.nan, public_ci_low=math.nan, public_ci_high=math.nan, public_n_tasks=0)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -347,12 +370,19 @@ def finetune_section(records: pd.DataFrame, predictions: dict, y_test: np.ndarra
                                     n_boot, seed, per_task=True)
         for protocol in ("paper", "probe") if protocol in set(records["protocol"])}
     section["n_tasks_scored"] = _tasks_scored(records)
+    section["n_tasks_scored_public"] = _tasks_scored(records, "auroc_public")
+    section["macro_definitions"] = {
+        "auroc": "tasks trained and scored: a task whose training subset lacks a class is skipped",
+        "public": "the public code's (Finetuning.py:504-521): every task with both classes in test, a task its "
+                  "subset could not train scored from the head the loop left"}
     return section
 
 
-def _tasks_scored(records: pd.DataFrame) -> dict:
+def _tasks_scored(records: pd.DataFrame, column: str = "auroc") -> dict:
     """How many of the ten tasks each macro mean covers, per setting value (so no macro hides a skipped task)."""
-    scored = records[records["auroc"].notna()]
+    if column not in records:
+        return {}
+    scored = records[records[column].notna()]
     return {str(v): int(g["task"].nunique()) for v, g in scored.groupby("value")}
 
 

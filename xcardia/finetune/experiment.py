@@ -71,17 +71,28 @@ class Experiment:
         return self.labels[self.rows["test"]]
 
 
-def task_record(protocol, init, setting, value, seed, task_index, y_test, p, n_train_pos, n_train_neg, skipped=None) -> dict:
+def task_record(protocol, init, setting, value, seed, task_index, y_test, p, n_train_pos, n_train_neg, skipped=None,
+                p_public=None) -> dict:
+    """One task's test scores of one run. Two AUROCs, for the two macro definitions (issue 30.4):
+
+    - ``auroc``: NaN when the training subset lacks a class (a head that never saw a class is not scored) or
+      test does — the companion's macro over the tasks trained and scored;
+    - ``auroc_public``: the public code's (``Finetuning.py:504-521``): every task with both classes in test is
+      scored, a task its subset could not train included, from the head the loop trained on that subset as the
+      public loop would (``p_public``: those predictions; default ``p``).
+    """
     task = LABELS[task_index]
     y = y_test[:, task_index]
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     reason = skipped or ("no positive in the training subset" if not n_train_pos else
                          "no negative in the training subset" if not n_train_neg else
                          None if n_pos and n_neg else "no positives in test" if not n_pos else "no negatives in test")
+    p_public = p if p_public is None else p_public
     if not (n_train_pos and n_train_neg):  # a head that never saw a class is not scored, nor counted in a macro
         p = None
     return {"protocol": protocol, "init": init, "setting": setting, "value": value, "seed": seed, "task": task,
             "auroc": auroc(y, p) if p is not None else math.nan, "auprc": auprc(y, p) if p is not None else math.nan,
+            "auroc_public": auroc(y, p_public) if p_public is not None else math.nan,
             "n_pos": n_pos, "n_neg": n_neg, "n_train_pos": n_train_pos, "n_train_neg": n_train_neg,
             "skipped": reason}
 
@@ -105,11 +116,13 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
             p_probe = np.stack([linear_probe(init.features[init.at(subset)], exp.labels[subset, t],
                                              init.features[init.at(test)], spec.probe_c) for t in range(len(LABELS))], 1)
             untrainable = [t for t, (pos, neg) in enumerate(counts) if not (pos and neg)]
-            p_paper[:, untrainable] = np.nan  # issue 22: such tasks are skipped with their reason, never scored
-            for protocol, p in (("paper", p_paper), ("probe", p_probe)):
+            p_trained = p_paper.copy()
+            p_trained[:, untrainable] = np.nan  # issue 22: such tasks are skipped with their reason in `auroc`
+            for protocol, p, p_public in (("paper", p_trained, p_paper), ("probe", p_probe, p_probe)):
                 predictions[(protocol, name, fraction, seed)] = p
                 for t in range(len(LABELS)):
-                    records.append(task_record(protocol, name, "fraction", fraction, seed, t, y_test, p[:, t], *counts[t]))
+                    records.append(task_record(protocol, name, "fraction", fraction, seed, t, y_test, p[:, t], *counts[t],
+                                               p_public=p_public[:, t]))
         exp.timing.setdefault("per_init_s", {})[name] = round(time.perf_counter() - started, 2)
         log(f"[finetune] {name}: {len(jobs)} fraction runs done")
     from xcardia.reporting import group_of
@@ -123,11 +136,13 @@ def run_fraction_sweep(exp: Experiment, log=print, progress: bool = False) -> tu
                 ds_train = CohortDataset.from_parts([exp.datasets["train"]], subset)
                 p = train_scratch_all(exp.manifest, ds_train, exp.datasets["val"], exp.datasets["test"], exp.image_spec,
                                       exp.labels, spec, seed)
+                p_public = p.copy()
                 for t in range(len(LABELS)):
                     counts = (int((exp.labels[subset, t] == 1).sum()), int((exp.labels[subset, t] == 0).sum()))
                     if not all(counts):
                         p[:, t] = np.nan
-                    records.append(task_record("scratch_all", scratch_names[0], "fraction", fraction, seed, t, y_test, p[:, t], *counts))
+                    records.append(task_record("scratch_all", scratch_names[0], "fraction", fraction, seed, t, y_test,
+                                               p[:, t], *counts, p_public=p_public[:, t]))
                 predictions[("scratch_all", scratch_names[0], fraction, seed)] = p
         exp.timing["scratch_all_s"] = round(time.perf_counter() - started, 2)
         log("[finetune] scratch with every layer trainable: done")
