@@ -349,3 +349,46 @@ def test_a_reestimated_encoding_is_cached_with_its_statistics_and_keyed_apart_fr
     # the caller's encoder is never modified
     assert all(torch.equal(v, finetune.trunk_batchnorm_state(encoder)[k]) for k, v in
                finetune.trunk_batchnorm_state(plain.encoder).items())
+
+
+def test_the_exact_public_semantic_trains_layer4_and_the_heads_and_moves_only_the_trunks_batchnorm_statistics():
+    """``train_frozen_trunk_network`` is the reference of the trunk-BatchNorm benchmark: the stem and layer1–3 keep
+    their weights while their running statistics move toward the training volumes (``model_engine.train()``,
+    ``Finetuning.py:556``); layer4 and the re-initialised feature layer train; the heads start as TopModel's."""
+    from xcardia.config import get_profile
+    from xcardia.finetune.whole_network import FrozenTrunkNetwork
+    from xcardia.models.image_encoder import ImageEncoder
+
+    torch.manual_seed(0)
+    encoder = ImageEncoder(get_profile("smoke").model.image).eval()
+    train, test = _RandomVolumes(10, seed=3), _RandomVolumes(6, seed=4, offset=10)
+    labels = np.zeros((16, 1))
+    labels[[0, 2, 4, 6, 8, 11, 13], 0] = 1
+    captured = {}
+    real_init = FrozenTrunkNetwork.__init__
+
+    def keep(self, *a, **k):
+        real_init(self, *a, **k)
+        captured["net"] = self
+
+    FrozenTrunkNetwork.__init__ = keep
+    try:
+        p = finetune.train_frozen_trunk_network(encoder, train, None, test, labels, finetune.FinetuneSpec(kshot_epochs=3),
+                                                seed=0, epochs=3)
+    finally:
+        FrozenTrunkNetwork.__init__ = real_init
+    assert p.shape == (6, 1) and np.isfinite(p).all()
+    trained = captured["net"].encoder.state_dict()
+    before = encoder.state_dict()
+    frozen = [k for k in before if k.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1.", "backbone.layer2.",
+                                                 "backbone.layer3."))]
+    weights = [k for k in frozen if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    stats = [k for k in frozen if k.endswith("running_mean")]
+    assert all(torch.equal(before[k], trained[k]) for k in weights)
+    assert all(not torch.equal(before[k], trained[k]) for k in stats)
+    assert not torch.equal(before["backbone.layer4.0.conv1.weight"], trained["backbone.layer4.0.conv1.weight"])
+    torch.manual_seed(5)
+    top = finetune.TopModel(encoder, 1)
+    torch.manual_seed(5)
+    whole = FrozenTrunkNetwork(encoder, 1)
+    assert torch.equal(top.heads.weight, whole.heads.weight) and torch.equal(top.feature.weight, whole.encoder.feature.weight)

@@ -72,3 +72,17 @@ def test_the_small_grid_self_test_answers_on_this_machine():
             conv(x).float().sum().backward()
         grads.append(conv.weight.grad.clone())
     assert (grads[1] - grads[0]).norm() <= 0.05 * grads[0].norm()
+
+
+def test_the_paper_profile_trains_in_fp32_on_a_cpu_and_in_bf16_on_a_gpu(monkeypatch):
+    """Issue 30.6: the public code trains in fp32; the ``paper`` profile's bf16 is a GPU setting (register P11) — on a
+    CPU with bf16 units it stays fp32 unless asked (``--bf16``)."""
+    from xcardia.config import get_profile
+
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    requested = get_profile("paper").pretrain.bf16
+    on_cpu = precision.plan(torch.device("cpu"), requested, channels_last=False)
+    assert not on_cpu.bf16 and "fp32" in on_cpu.description and "--bf16" in on_cpu.description
+    assert precision.plan(torch.device("cuda"), requested, channels_last=False).bf16
+    monkeypatch.setattr(precision, "bf16_small_grid_convolutions_ok", lambda: True)
+    assert precision.plan(torch.device("cpu"), True, channels_last=False).bf16  # asked for

@@ -135,7 +135,7 @@ PROFILES: dict[str, Profile] = {
         # checkpoints load strictly (docs/method.md §6)
         model=ModelSpec(image=PUBLIC_ARCHITECTURE),
         # a bare `pretrain --method xcardia --profile paper` is X-Cardia as published (named runs set their own)
-        pretrain=PretrainSpec(epochs=80, batch_size=8, lr=1e-4, num_workers=8, bf16=True, channels_last=True,
+        pretrain=PretrainSpec(epochs=80, batch_size=8, lr=1e-4, num_workers=8, bf16="gpu", channels_last=True,
                               variant="paper"),
         pretrain_runs={**replicated(COMPARED_RUNS, (0, 1, 2)), **replicated(NW_ONLY_RUN, (0,))},
         init_seeds=(0, 1, 2),

@@ -87,10 +87,17 @@ class Precision:
         return image.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else image
 
 
-def plan(device: torch.device, bf16: bool, channels_last: bool) -> Precision:
-    """The precision a run on ``device`` gets for the requested ``bf16``/``channels_last``."""
+def plan(device: torch.device, bf16: bool | str, channels_last: bool) -> Precision:
+    """The precision a run on ``device`` gets for the requested ``bf16`` (True, False, or ``"gpu"``: bf16 on a GPU
+    only) and ``channels_last``."""
     notes = []
     small_grids = False
+    if bf16 == "gpu":
+        if device.type == "cuda":
+            bf16 = True
+        else:
+            notes.append("fp32 (the profile's bf16 is for GPUs; --bf16 asks for it on this device)")
+            bf16 = False
     if bf16 and device.type == "cpu":
         units = cpu_bf16_units()
         if units:
@@ -104,7 +111,7 @@ def plan(device: torch.device, bf16: bool, channels_last: bool) -> Precision:
             bf16 = False
     elif bf16:
         notes.append("bf16 autocast")
-    else:
+    elif not notes:
         notes.append("fp32")
     if channels_last:
         notes.append("channels_last_3d")

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: Regurgitation grades in increasing order, as echo reports write them. ``presumed none`` is a word the paper's
-#: public code accepts; it reads as ``none``.
+#: data uses; it reads as ``none`` here (the public reader, ``Finetuning.py:223``, makes it and ``trace`` a missing
+#: label: register D13).
 REGURGITATION_GRADES: tuple[str, ...] = ("none", "trace", "mild", "moderate", "severe")
 EFFUSION_GRADES: tuple[str, ...] = ("none", "small", "moderate", "large")
 SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "test")

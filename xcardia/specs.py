@@ -38,8 +38,9 @@ class PretrainSpec:
         augment: small affine and noise augmentation of the CT (off, as the public code's default).
         num_workers: data loader processes.
         in_memory: keep preprocessed CTs in RAM (CPU-sized profiles).
-        bf16, channels_last: bfloat16 autocast and the ``channels_last_3d`` layout (on a CPU, bf16 only where it
-            reports bf16 units: :mod:`xcardia.precision`).
+        bf16, channels_last: bfloat16 autocast and the ``channels_last_3d`` layout. ``bf16``: True (asked: on a CPU
+            only where it reports bf16 units, :mod:`xcardia.precision`), False, or ``"gpu"`` (bf16 on a GPU, fp32 on a
+            CPU — the ``paper`` profile's: the public code trains in fp32, register P11).
         activation_checkpointing, compile: GPU options (ignored on CPU).
         seed: everything random (initialisation, order, augmentation, k-means).
     """
@@ -67,7 +68,7 @@ class PretrainSpec:
     augment: bool = False
     num_workers: int = 0
     in_memory: bool = False
-    bf16: bool = False
+    bf16: bool | str = False
     channels_last: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
@@ -82,6 +83,8 @@ class PretrainSpec:
                               ("bank", ("kmeans", "queue", "batch")), ("tabular_missing", ("token", "knn"))):
             if getattr(self, name) not in allowed:
                 raise XcardiaError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.bf16 not in (True, False, "gpu"):
+            raise XcardiaError(f"bf16 must be true, false or 'gpu', got {self.bf16!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise XcardiaError("epochs must be ≥ 1 and batch_size ≥ 2 (CLIP needs negatives)")
 

@@ -65,7 +65,8 @@ PAPER_ALIASES: dict[str, str] = {
 }
 ALIAS_SETS = {"paper": PAPER_ALIASES}
 
-#: Severity words the paper's label columns use, read as flags.
+#: Severity words the paper's label columns use, read as flags. ``presumed none`` and ``trace`` are negatives here;
+#: the public reader (``Finetuning.py:223``, ``:275``) makes both a missing label (register D13).
 LABEL_WORDS: dict[str, float] = {"none": 0.0, "presumed none": 0.0, "trace": 0.0, "mild": 0.0,
                                  "moderate": 1.0, "severe": 1.0}
 SEX_WORDS = {"m": "M", "male": "M", "f": "F", "female": "F"}

@@ -38,7 +38,7 @@ class ImageEncoderSpec:
         norm: ``batch`` (the paper), ``instance`` or ``group`` (8 groups); the last two do not depend on the batch,
             which matters at the small per-GPU batches of 3-D training.
         bias_downsample: a bias in the shortcut's 1×1×1 convolution (MONAI's default); Hara's ResNet, which the
-            public code uses (``Pretrain/resnet.py:33-38, 188-191``), has none.
+            public code uses (``Pretrain/resnet.py:37-42, 194-197``), has none.
         input_axes: ``xyz`` (the companion's RAS volumes as they are) or ``zyx``: the volume is transposed to
             (slice, row, column) before the stem, the D, H, W order in which the public code reads its ``.npy``
             volumes (``Finetuning.py:256``), so that its stem's stride-1 axis is the slice axis and its weights
