@@ -4,6 +4,7 @@ operating points, and ``xcardia screen`` on the synthetic test split, a folder o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import shutil
 
@@ -83,12 +84,28 @@ def test_the_bundle_has_the_monai_layout_and_reads_through_monai_bundle_offline(
     assert "**NOT FOR CLINICAL USE" in card and "AUROC" in card
 
 
+def _fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
 @pytest.mark.parametrize("tamper, message", [
     (lambda d: _edit_meta(d, format_version=99), "version 99"),
+    (lambda d: (d / "configs" / "inference.json").write_text(
+        (d / "configs" / "inference.json").read_text().replace('"threshold": 0.', '"threshold": 5.', 1)),
+     r"edited after export: configs/inference\.json"),
+    (lambda d: (d / "models" / "model.safetensors").write_bytes(
+        (d / "models" / "model.safetensors").read_bytes()[:-8] + bytes(8)),
+     r"edited after export: models/model\.safetensors"),
+    (lambda d: (d / "docs" / "notes.txt").write_text("added later"), r"docs/notes\.txt was not part of the export"),
+    (lambda d: (d / "configs" / "integrity.json").unlink(), "no configs/integrity.json"),
+    (lambda d: _fifo(d / "models" / "model.safetensors"), "not a regular file"),
     (lambda d: torch.save({"x": torch.zeros(1)}, d / "models" / "extra.pt"), "pickled code"),
     (lambda d: (d / "configs" / "metadata.json").unlink(), "no configs/metadata.json"),
 ])
-def test_a_changed_or_pickled_bundle_is_refused_in_one_line(bundle_dir, tmp_path, tamper, message):
+def test_a_changed_damaged_or_pickled_bundle_is_refused_in_one_line(bundle_dir, tmp_path, tamper, message):
+    """Issue 32.1/32.3: the integrity record (sha256 of every file, written last by export) is verified before any
+    other file is read — an edited config or weight, an added or missing file, a FIFO in place of the weights."""
     copy = tmp_path / "copy"
     shutil.copytree(bundle_dir, copy)
     tamper(copy)

@@ -36,7 +36,9 @@ from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec, Project
 from xcardia.schema import CONCEPT_NAMES, LABELS
 
 BUNDLE_FORMAT = "xcardia-screening-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: an integrity record (configs/integrity.json) over every file
+#: The integrity record: sha256 of every other file of the bundle, written last by ``export``, verified first on load.
+INTEGRITY = "configs/integrity.json"
 #: Files that can carry pickled code: never part of a bundle.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".joblib")
 SENSITIVITY_TARGET = SPECIFICITY_TARGET = 0.90
@@ -216,6 +218,12 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
         card_rows.append({"task": task, **ci, "ece_raw": expected_calibration_error(exp.labels[test, t], raw["test"][:, t]),
                           "ece_calibrated": expected_calibration_error(exp.labels[test, t], cal_test),
                           "calibration": calibration[task]["method"]})
+    from xcardia.subgroups import subgroup_table
+
+    calibrated_test = np.stack([apply_calibration(raw["test"][:, t], calibration[task]) for t, task in enumerate(LABELS)], 1)
+    subgroups = subgroup_table(manifest.iloc[test].reset_index(drop=True), exp.labels[test], calibrated_test,
+                               {task: {p: {"threshold": v["threshold"]} for p, v in points[task].items()}
+                                for task in LABELS}, n_boot=spec.n_boot, seed=seed)
     network = ScreeningNetwork(encoded.encoder.spec.to_dict())
     network.encoder.load_state_dict(encoded.encoder.state_dict())
     network.top.load_state_dict(top.state_dict())
@@ -245,6 +253,7 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
                                  "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": False, "channel_def": {str(i): t for i, t in enumerate(LABELS)}}}},
         "test_metrics": card_rows,
+        "test_subgroups": subgroups.to_dict(orient="records"),
     }
     inference = {
         "imports": ["$import xcardia.bundle"],
@@ -267,9 +276,83 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
                      suffix=".safetensors")
     write_text_atomic(out / "configs" / "inference.json", json.dumps(_jsonable(inference), indent=1) + "\n")
     write_text_atomic(out / "docs" / "README.md", model_card(metadata, inference))
-    write_text_atomic(out / "configs" / "metadata.json", json.dumps(_jsonable(metadata), indent=1) + "\n")  # marker last
+    write_text_atomic(out / "configs" / "metadata.json", json.dumps(_jsonable(metadata), indent=1) + "\n")
+    write_integrity(out)  # last: a bundle without it is unfinished
     log(f"[export] screening bundle {name}: {out}")
     return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_files(root: Path) -> dict[str, str]:
+    """sha256 of every file of the bundle at ``root`` but the integrity record, by relative path. Only regular files
+    are read: a FIFO, socket, device or symlink is refused in one line (a FIFO would block the read forever)."""
+    import stat
+
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise XcardiaError(f"--model {root}: {rel} is not a regular file (a link, FIFO or device); a bundle holds "
+                               f"regular files only — re-export it")
+        if rel != INTEGRITY:
+            out[rel] = _sha256(path)
+    return out
+
+
+def bundle_digest(files: dict[str, str]) -> str:
+    """One sha256 for the whole bundle: over its sorted (path, sha256) list. Screening records carry it."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def write_integrity(root: Path) -> dict:
+    """Write ``configs/integrity.json``: the sha256 of every file of the bundle and the bundle digest."""
+    files = bundle_files(root)
+    record = {"algorithm": "sha256", "files": files, "bundle_sha256": bundle_digest(files)}
+    write_text_atomic(root / INTEGRITY, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def verify_integrity(root: Path) -> str:
+    """Check the bundle against its integrity record before anything in it is used; return the bundle digest.
+
+    Raises:
+        XcardiaError: no record (an unfinished or pre-integrity export), a file changed, missing or added since
+            export, or a file that is not a regular file — each in one line naming the file.
+    """
+    path = root / INTEGRITY
+    if not path.is_file():
+        raise XcardiaError(f"--model {root}: no {INTEGRITY} (the export did not finish, or predates integrity "
+                           f"records); re-export the bundle")
+    try:
+        record = json.loads(path.read_text())
+        expected = dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise XcardiaError(f"--model {root}: {INTEGRITY} is unreadable; re-export the bundle") from None
+    actual = bundle_files(root)
+    for rel in sorted(expected):
+        if rel not in actual:
+            raise XcardiaError(f"--model {root}: {rel} is missing since export; re-export the bundle")
+        if actual[rel] != expected[rel]:
+            raise XcardiaError(f"--model {root}: edited after export: {rel} (its sha256 differs from "
+                               f"{INTEGRITY}); re-export the bundle instead of editing it")
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise XcardiaError(f"--model {root}: {extra[0]} was not part of the export; remove it or re-export")
+    return bundle_digest(actual)
 
 
 def _version(package: str) -> str:
@@ -327,19 +410,79 @@ def model_card(metadata: dict, inference: dict) -> str:
         ece = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {row['task']} | {auc} | {row['n_pos']} / {row['n_neg']} | {ece(row['ece_raw'])} → "
                      f"{ece(row['ece_calibrated'])} | {row['calibration']} |")
+    lines += subgroup_card_section(metadata.get("test_subgroups") or [], synthetic)
     lines += ["", "## Intended use and limits", "", metadata["intended_use"] + ".",
               "Operating points were chosen on the validation split at its prevalence; at another prevalence the "
               "positive predictive value changes (notebook 06 shows by how much). Non-contrast, non-gated chest CT "
               "only; the heart-centred crop follows a heart mask when one is given, a heuristic otherwise.", ""]
+    if synthetic:
+        lines += ["**What the synthetic cohort can and cannot show about subgroups.** The generator models some "
+                  "sex and age effects — sex-specific body size, chamber volumes and wall thickness (ASE/EACVI 2015 "
+                  "normals), haemoglobin and so blood attenuation, subcutaneous fat; age raising aortic stenosis, atrial "
+                  "fibrillation, hypertension, wall thickness, PASP and coronary calcium — so the subgroup table above "
+                  "shows how *those* modelled differences move the numbers. It does not model what matters most in "
+                  "practice: differences in disease presentation it was not told about, race and ethnicity, body "
+                  "habitus beyond BMI, scanner vendors, reconstruction kernels, contrast timing, or who gets referred "
+                  "for an echo. Its subgroup gaps are therefore not evidence for or against bias on real patients.", ""]
+    lines += ["**What a site must measure on its own data before any use.** AUROC, calibration (slope and "
+              "intercept) and sensitivity/specificity at the chosen operating point, with intervals, overall and by "
+              "sex, age band and any other group the site serves; the same on scans of each scanner and protocol it "
+              "runs (the shifted-scanner check in notebook 06 is the mechanics of such a test); and the prevalence of "
+              "each finding in the population it will screen, since PPV follows it.", ""]
     return "\n".join(lines)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _with_interval(row: dict, key: str, low: str, high: str, digits: int = 2) -> str:
+    value = _fmt(row.get(key), digits)
+    if value == "–" or row.get(low) is None or (isinstance(row.get(low), float) and math.isnan(row[low])):
+        return value
+    return f"{value} [{_fmt(row[low], digits)}, {_fmt(row[high], digits)}]"
+
+
+def subgroup_card_section(rows: list[dict], synthetic: bool) -> list[str]:
+    """The model card's subgroup table (test split): per task and subgroup, counts, AUROC, calibration slope and
+    intercept, and the operating points' sensitivity/specificity/PPV — intervals where both classes have enough
+    patients (:mod:`xcardia.subgroups`)."""
+    from xcardia.subgroups import AGE_BANDS, MIN_PER_CLASS
+
+    if not rows:
+        return []
+    bands = ", ".join(name.replace("age ", "") for _, _, name in AGE_BANDS)
+    out = ["", "## Performance by subgroup (held-out test split)", "",
+           f"Subgroups fixed before any subgroup number existed: sex, and age bands {bands} (years). 95 % intervals: "
+           f"patient bootstrap (AUROC, calibration) and Wilson (sensitivity, specificity, PPV); a subgroup with fewer "
+           f"than {MIN_PER_CLASS} positives or negatives for a task gets point estimates only (\"too small\"). "
+           "Calibration slope 1 and intercept 0 are perfect; sens-90 / spec-90 are the operating points chosen on "
+           "validation." + (" Synthetic cohort: see the limits below." if synthetic else ""), "",
+           "| task | subgroup | n+ / n− | AUROC | calibration slope | intercept | sensitivity (sens-90) | "
+           "specificity (spec-90) | PPV (spec-90) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        small = row.get("interval") != "yes"
+        out.append(" | ".join([
+            f"| {row['task']}", row["subgroup"], f"{row['n_pos']} / {row['n_neg']}" + (" (too small)" if small else ""),
+            _with_interval(row, "auroc", "auroc_low", "auroc_high"),
+            _with_interval(row, "calibration_slope", "slope_low", "slope_high"),
+            _with_interval(row, "calibration_intercept", "intercept_low", "intercept_high"),
+            _with_interval(row, "sensitivity_90_sensitivity", "sensitivity_90_sensitivity_low", "sensitivity_90_sensitivity_high"),
+            _with_interval(row, "specificity_90_specificity", "specificity_90_specificity_low", "specificity_90_specificity_high"),
+            _with_interval(row, "specificity_90_ppv", "specificity_90_ppv_low", "specificity_90_ppv_high")]) + " |")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ loading
 def load_bundle(model_dir: str | os.PathLike) -> dict:
-    """The bundle in ``model_dir``: ``{"metadata", "inference", "network", "bank", "preprocess"}``.
+    """The bundle in ``model_dir``: ``{"metadata", "inference", "network", "bank", "preprocess", "root", "digest"}``.
+
+    Checks, in order, each refusal one line: the marker, no pickle-capable file, the format version, the integrity
+    record (every file as exported, nothing added, regular files only), then the configs and the weights.
 
     Raises:
-        XcardiaError: not a bundle, another format version, a pickle-capable file inside, unreadable weights.
+        XcardiaError: not a bundle, another format version, a pickle-capable file inside, a file edited, missing or
+            added since export, unreadable weights.
     """
     from safetensors.torch import load_file
 
@@ -349,19 +492,24 @@ def load_bundle(model_dir: str | os.PathLike) -> dict:
     meta_path = root / "configs" / "metadata.json"
     if not meta_path.is_file():
         raise XcardiaError(f"--model {root}: no configs/metadata.json; pass a folder written by `xcardia export`")
-    try:
-        metadata = json.loads(meta_path.read_text())
-        inference = json.loads((root / "configs" / "inference.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise XcardiaError(f"--model {root}: unreadable bundle configuration ({exc}); re-export the bundle") from None
-    if metadata.get("format") != BUNDLE_FORMAT or metadata.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise XcardiaError(f"--model {root}: format {metadata.get('format')!r} version "
-                           f"{metadata.get('format_version')!r}; this xcardia reads {BUNDLE_FORMAT!r} version "
-                           f"{BUNDLE_FORMAT_VERSION} — re-export the bundle with this version")
     pickled = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickled:
         raise XcardiaError(f"--model {root}: holds {', '.join(pickled)}, a format that can carry pickled code; a "
                            f"bundle carries safetensors and JSON only — remove it or re-export")
+    try:
+        metadata = json.loads(meta_path.read_text()) if os.path.isfile(meta_path) else None
+    except (OSError, ValueError) as exc:
+        raise XcardiaError(f"--model {root}: unreadable bundle configuration ({exc}); re-export the bundle") from None
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != BUNDLE_FORMAT or version != BUNDLE_FORMAT_VERSION:
+        raise XcardiaError(f"--model {root}: format {metadata.get('format') if isinstance(metadata, dict) else None!r} "
+                           f"version {version!r}; this xcardia reads {BUNDLE_FORMAT!r} version "
+                           f"{BUNDLE_FORMAT_VERSION} — re-export the bundle with this version")
+    digest = verify_integrity(root)  # before any other file is read: nothing edited, added or swapped for a FIFO
+    try:
+        inference = json.loads((root / "configs" / "inference.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise XcardiaError(f"--model {root}: unreadable bundle configuration ({exc}); re-export the bundle") from None
     try:
         network = ScreeningNetwork(inference["network_def"]["encoder_spec"], int(inference["network_def"]["n_tasks"]))
         network.load_state_dict(load_file(str(root / "models" / "model.safetensors")), strict=True)
@@ -382,4 +530,4 @@ def load_bundle(model_dir: str | os.PathLike) -> dict:
     for key in ("shape", "hu_window"):
         pre[key] = tuple(pre[key])
     return {"metadata": metadata, "inference": inference, "network": network.eval(), "bank": bank,
-            "preprocess": PreprocessSpec(**pre), "root": root}
+            "preprocess": PreprocessSpec(**pre), "root": root, "digest": digest}
