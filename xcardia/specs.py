@@ -122,11 +122,12 @@ class FinetuneSpec:
             final rate, as the public schedule does over its run); ``"public_length"``: sized for ``max_epochs`` and
             cut after ``kshot_epochs`` (the rate never anneals; the reference runs before issue 30). Decided before
             any number with it existed (register D9).
-        trunk_batchnorm: the frozen stages' BatchNorm statistics. ``"init"``: the init's own (eval mode; for a
-            scratch init mean 0 / variance 1, i.e. no normalisation); ``"train_split"``: re-estimated once per init
-            on the training split's volumes, in micro-batches of ``batch_size`` (the public loop's train-mode trunk
-            re-estimates them on the fine-tuning data, ``Finetuning.py:556``; register D3). The frozen trunk is then
-            cached either way.
+        trunk_batchnorm: the frozen stages' BatchNorm statistics. ``"train_split"`` (the default since issue 30):
+            re-estimated once per init on the training split's volumes, in micro-batches of ``batch_size``, the
+            closest cached stand-in for the public loop's train-mode trunk (``Finetuning.py:556``), measured by
+            ``bench/trunk_batchnorm.py`` (register D3); ``"init"``: the init's own statistics in eval mode (the runs
+            before issue 30; for a scratch init mean 0 / variance 1, i.e. no normalisation). The frozen trunk is
+            then cached either way.
         scratch_all_max_epochs: the all-layers-trainable scratch baseline (public: the same 100).
         batched_kshot: train the k-shot ``paper`` runs of one init and k as grouped models (:mod:`xcardia.batched`;
             same predictions to float tolerance). Off by default: on this 2-core CPU the grouped 3-D convolutions
@@ -151,7 +152,7 @@ class FinetuneSpec:
     pos_weight_cap: float | None = None
     kshot_epochs: int = 40
     kshot_schedule: str = "span"
-    trunk_batchnorm: str = "init"
+    trunk_batchnorm: str = "train_split"
     scratch_all_max_epochs: int = 100
     batched_kshot: bool = False
     kshot_group_size: int = 64
