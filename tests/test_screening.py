@@ -190,3 +190,112 @@ def test_screen_refuses_to_write_inside_an_input_folder_or_over_foreign_files(bu
     (foreign / "notes.txt").write_text("mine")
     assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(foreign)]) == 2
     assert "not a screening output" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------ screening a hospital can trust
+def _chest_folder(tmp_path, names):
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    for k, name in enumerate(names):
+        write_phantom_nifti(folder / f"{name}.nii.gz", (4.0, 4.0, 4.0), (70 + 2 * k, 60, 90))
+    return folder
+
+
+def test_ids_that_sanitise_alike_and_a_very_long_id_get_their_own_records(bundle_dir, tmp_path):
+    """Issue 32.1: ``P 1``, ``P_1`` and ``P/1`` once shared ``patients/P_1.json`` (three patients, one risk)."""
+    folder = _chest_folder(tmp_path, ["a", "b", "c", "d"])
+    long_id = "L" * 248
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"patient_id": ["P 1", "P_1", "P/1", long_id],  # paths relative to the manifest's folder
+                  "ct_path": [f"cts/{n}.nii.gz" for n in "abcd"]}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(manifest), "--out", str(out), "--no-report"]) == 0
+    rows = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")
+    assert list(rows.index) == ["P 1", "P_1", "P/1", long_id] and len(list((out / "patients").iterdir())) == 4
+    risks = rows[f"risk_{LABELS[0]}"]
+    assert risks.nunique() > 1  # each patient its own CT's risk (the phantoms differ in size)
+    assert all(len(p.name) < 120 for p in (out / "patients").iterdir())
+
+
+def test_an_interrupted_screen_resumes_with_the_same_command_and_a_second_one_is_told_who_holds_it(
+        bundle_dir, tmp_path, monkeypatch, capsys):
+    """Issue 32.2: the marker is written before the first patient, so a crash leaves a folder the same command
+    resumes (it used to be refused as "not a screening output"); a concurrent screen names the holder."""
+    import xcardia.screening as screening
+
+    folder = _chest_folder(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "out"
+    real_score, calls = screening.score, []
+
+    def crash_after_one(bundle, volume):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the scheduler's kill, mid-run
+        return real_score(bundle, volume)
+
+    monkeypatch.setattr(screening, "score", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        screening.screen(bundle_dir, folder, out, reports=False, progress=False, log=lambda *_: None)
+    assert json.loads((out / "screen.json").read_text())["status"] == "running"
+    monkeypatch.setattr(screening, "score", real_score)
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(out), "--no-report"]) == 0
+    record = json.loads((out / "screen.json").read_text())
+    assert record["status"] == "complete" and record["counts"]["resumed"] == 1 and record["counts"]["scored"] == 3
+
+    from xcardia.run_folder import RunLock
+
+    with RunLock(out, "screening"):
+        assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(out)]) == 2
+    assert "in use by a screening (process" in capsys.readouterr().err
+
+
+def test_a_replaced_ct_is_rescored_and_another_bundle_is_refused(bundle_dir, tmp_path, capsys):
+    """Issue 32.1: a record is reused only when its bundle, CT bytes and preprocessing match; a folder screened with
+    one bundle is refused to another (its risks would be attributed to the wrong model)."""
+    folder = _chest_folder(tmp_path, ["a", "b"])
+    out = tmp_path / "out"
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(out), "--no-report"]) == 0
+    before = pd.read_csv(out / "predictions.csv").set_index("patient_id")
+    write_phantom_nifti(folder / "a.nii.gz", (4.0, 4.0, 4.0), (84, 70, 100))  # re-exported under the same name
+    lines = []
+    from xcardia.screening import screen
+
+    screen(bundle_dir, folder, out, reports=False, progress=False, log=lines.append)
+    after = pd.read_csv(out / "predictions.csv").set_index("patient_id")
+    assert any("changed since (rescored): a" in line for line in lines)
+    assert after.loc["a", f"risk_{LABELS[0]}"] != before.loc["a", f"risk_{LABELS[0]}"]
+    assert after.loc["b", f"risk_{LABELS[0]}"] == before.loc["b", f"risk_{LABELS[0]}"]
+
+    other = tmp_path / "other_bundle"
+    shutil.copytree(bundle_dir, other)
+    meta = json.loads((other / "configs" / "metadata.json").read_text())
+    meta["name"] = "another model"
+    (other / "configs" / "metadata.json").write_text(json.dumps(meta))
+    from xcardia.bundle import write_integrity
+
+    write_integrity(other)  # a genuinely different, intact bundle
+    assert main(["screen", "--model", str(other), "--data", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a screening by bundle 'scratch_s0'" in err and "this is bundle 'another model'" in err
+
+
+def test_export_refuses_the_cohort_folder_and_an_unfinished_run_with_a_flag_it_has_and_waits_for_no_one(
+        tiny_cohort, tmp_path, capsys):
+    """Issue 32.2/32.5: never inside an input folder; the refusal of an unfinished run names no flag export lacks;
+    an export in progress holds its --out (the second is told who holds it)."""
+    assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke",
+                 "--out", str(tiny_cohort / "model"), "--name", "x"]) == 2
+    assert "inside the cohort folder" in capsys.readouterr().err and not (tiny_cohort / "model").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    assert main(["export", "--init", str(run), "--data", str(tiny_cohort), "--profile", "smoke",
+                 "--out", str(tmp_path / "m"), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "did not finish" in err and "--allow-unfinished" not in err
+    from xcardia.run_folder import RunLock
+
+    with RunLock(tmp_path / ".m2.export", "bundle export"):
+        assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke",
+                     "--out", str(tmp_path / "m2"), "--name", "x"]) == 2
+    assert "in use by a bundle export" in capsys.readouterr().err and not (tmp_path / "m2").exists()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xcardia.atomic import write_atomic, write_text_atomic
+from xcardia.atomic import write_text_atomic
 from xcardia.errors import XcardiaError
 from xcardia.models.image_encoder import ImageEncoder, ImageEncoderSpec, ProjectionHead
 from xcardia.schema import CONCEPT_NAMES, LABELS
@@ -192,17 +192,20 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
     Returns:
         The bundle folder.
     """
-    from safetensors.torch import save_file
-
     from xcardia import __version__
     from xcardia.data.manifest import load_manifest
-    from xcardia.finetune import predict_top, labelled_rows, prepare_experiment, train_top
+    from xcardia.finetune import labelled_rows, predict_top, prepare_experiment, refuse_unfinished, train_top
     from xcardia.metrics import bootstrap_auroc_ci, expected_calibration_error
 
     out = Path(out_dir)
     _refuse_foreign_folder(out)
     manifest = load_manifest(manifest_path)
+    cohort = Path(manifest.attrs["root"]).resolve()
+    if out.resolve() == cohort or cohort in out.resolve().parents:
+        raise XcardiaError(f"--out {out} is inside the cohort folder {cohort}; a bundle is never written among its "
+                           f"inputs — give a folder elsewhere (nothing was written)")
     spec = profile.finetune
+    refuse_unfinished(str(init), False, flag=None)  # export has no --allow-unfinished: a bundle is a finished model
     exp = prepare_experiment(profile, manifest, {name: init}, cache_dir or out.parent / "cache", spec, 0, log)
     encoded = exp.inits[name]
     train, val, test = labelled_rows(exp.labels, exp.rows["train"]), exp.rows["val"], exp.rows["test"]
@@ -266,20 +269,42 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
         "nw_bank": bank[1] if bank else None,
         "qc": {"fail_on": ["error", "contrast"]},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("configs", "models", "docs"):
-        (out / sub).mkdir(exist_ok=True)
-    state = {k: v.contiguous() for k, v in network.state_dict().items()}
-    write_atomic(out / "models" / "model.safetensors", lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
-    if bank:
-        write_atomic(out / "models" / "support_bank.safetensors", lambda tmp: save_file(bank[0], str(tmp)),
-                     suffix=".safetensors")
-    write_text_atomic(out / "configs" / "inference.json", json.dumps(_jsonable(inference), indent=1) + "\n")
-    write_text_atomic(out / "docs" / "README.md", model_card(metadata, inference))
-    write_text_atomic(out / "configs" / "metadata.json", json.dumps(_jsonable(metadata), indent=1) + "\n")
-    write_integrity(out)  # last: a bundle without it is unfinished
+    _write_bundle_into_place(out, network, bank, inference, metadata)
     log(f"[export] screening bundle {name}: {out}")
     return out
+
+
+def _write_bundle_into_place(out: Path, network, bank, inference: dict, metadata: dict) -> None:
+    """Write the bundle into a temporary sibling folder, then rename it into place, under a lock: a reader never sees
+    a half-written bundle, and two exports to one ``--out`` cannot interleave their files (the second is told which
+    process holds it)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from xcardia.run_folder import RunLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(out.parent / f".{out.name}.export", "bundle export"):
+        _refuse_foreign_folder(out)  # again, under the lock
+        staging = out.parent / f".{out.name}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        for sub in ("configs", "models", "docs"):
+            (staging / sub).mkdir(parents=True)
+        state = {k: v.contiguous() for k, v in network.state_dict().items()}
+        save_file(state, str(staging / "models" / "model.safetensors"))
+        if bank:
+            save_file(bank[0], str(staging / "models" / "support_bank.safetensors"))
+        (staging / "configs" / "inference.json").write_text(json.dumps(_jsonable(inference), indent=1) + "\n")
+        (staging / "docs" / "README.md").write_text(model_card(metadata, inference))
+        (staging / "configs" / "metadata.json").write_text(json.dumps(_jsonable(metadata), indent=1) + "\n")
+        write_integrity(staging)  # last: a bundle without it is unfinished
+        retired = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(retired, ignore_errors=True)
+        if out.exists():
+            os.replace(out, retired)  # an earlier bundle of this format at --out is replaced whole
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -8,11 +8,18 @@ supports, and a one-page report.
 
     <out>/predictions.csv        one row per patient: QC status and reason, ten risks, flags, concept estimates
     <out>/report/<patient>.png   the encoder's input with an occlusion map, risk bars against both thresholds, concepts
-    <out>/patients/<patient>.json  the same row, written last: a patient with this file is done (resume)
-    <out>/screen.json            the bundle, versions, counts (the marker of a screening output folder)
+    <out>/patients/<patient>.json  the same row and its key (bundle sha256, CT sha256, preprocessing), written last
+    <out>/screen.json            the bundle (name, sha256), versions, counts, status — the folder's marker, written
+                                 before the first patient (``running``) and again at the end (``complete``)
 
-Resumable (patients already written are skipped unless ``force``), never writes inside an input folder, and every
-bad input is one ``error:`` line.
+Every risk is traceable to one CT and one intact bundle: the bundle's integrity record is verified first
+(:func:`xcardia.bundle.verify_integrity`); a patient's record is reused only when its key matches this bundle,
+this CT's bytes and this preprocessing (a scan replaced under the same name is rescored and said); a folder screened
+with another bundle is refused; ``predictions.csv`` is rebuilt from the records. Crash-safe: a screen killed at any
+point is resumed by the same command; a second screen of the same folder is told which process holds it. Patient
+file names never collide (ids that sanitise alike, or too long for a file name, get a hash of the id). A non-finite
+risk is never "not flagged": that patient is listed as failed with the reason. Never writes inside an input folder;
+every bad input is one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +50,31 @@ class ScreeningInput:
 
 
 def _safe_id(text: str) -> str:
+    """The file name of a patient's record and report: the id itself when it is a safe, short name; otherwise its
+    safe characters (at most 80) and a short hash of the whole id, so ids that sanitise alike (``P 1``, ``P_1``,
+    ``P/1``) never share a file and a 250-character id never makes a name the file system refuses."""
+    import hashlib
+
     out = "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("._")
-    return out or "patient"
+    if out == text and 0 < len(out) <= 80:
+        return out
+    return f"{(out or 'patient')[:80]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def ct_fingerprint(path: Path) -> str:
+    """sha256 of a CT's content: the file's bytes, or a DICOM folder's file names and bytes in sorted order. A scan
+    re-exported under the same name gets another fingerprint, so its old risks are never reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -68,7 +98,7 @@ def screening_inputs(data: str | os.PathLike) -> list[ScreeningInput]:
         if missing:
             raise XcardiaError(f"{path}: column(s) {', '.join(missing)} missing; a screening manifest needs "
                                f"patient_id and ct_path (heart_mask_path optional)")
-        frame.attrs["path"] = str(path)
+        frame.attrs["path"], frame.attrs["root"] = str(path), str(Path(path).resolve().parent)  # relative ct_path
         out = []
         for i, row in frame.iterrows():
             if not str(row["ct_path"]).strip():
@@ -107,7 +137,9 @@ def _refuse_output_folder(out: Path, inputs: list[ScreeningInput], data: Path, m
                                f"inputs — give a folder elsewhere (nothing was written)")
     if out.exists() and not out.is_dir():
         raise XcardiaError(f"--out {out} is a file; give a folder (nothing was written)")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+    from xcardia.run_folder import LOCK_NAME
+
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / MARKER).exists():
         raise XcardiaError(f"--out {out} is a non-empty folder that is not a screening output; give a new or empty "
                            f"folder (nothing was written)")
 
@@ -213,22 +245,42 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
     from xcardia.progress import bar as tqdm
 
     from xcardia import __version__
+    from xcardia.atomic import to_jsonable
     from xcardia.bundle import load_bundle
     from xcardia.run_folder import RunLock
 
     bundle = load_bundle(model_dir)
     inputs = screening_inputs(data)
     out = Path(out_dir)
-    _refuse_output_folder(out, inputs, Path(data), Path(model_dir))
     spec = bundle["preprocess"]
     fail_on = tuple(bundle["inference"].get("qc", {}).get("fail_on", ("error", "contrast")))
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out, "screening"):
+    meta = bundle["metadata"]
+    record = {
+        "bundle": {"name": meta["name"], "root": str(bundle["root"]), "format_version": meta["format_version"],
+                   "synthetic": meta["trained_on"]["synthetic"], "sha256": bundle["digest"]},
+        "xcardia_version": __version__, "torch_version": torch.__version__, "data": str(Path(data).resolve())}
+    _refuse_output_folder(out, inputs, Path(data), Path(model_dir))  # before anything is written
+    with RunLock(out, "screening"):  # a second screen of this folder is told which process holds it
+        _refuse_other_bundle(out, bundle)
+        # the marker before the first patient: an interrupted screen leaves a folder the same command resumes
+        write_text_atomic(out / MARKER, json.dumps(to_jsonable({**record, "status": "running"}), indent=1) + "\n")
         (out / "patients").mkdir(exist_ok=True)
         if reports:
             (out / "report").mkdir(exist_ok=True)
-        todo = [x for x in inputs if force or not (out / "patients" / f"{_safe_id(x.patient_id)}.json").exists()]
-        log(f"[screen] {len(inputs)} CT(s), {len(inputs) - len(todo)} already screened (skipped; --force redoes them)")
+        key = {"bundle_sha256": bundle["digest"], "preprocessing": to_jsonable(asdict(spec))}
+        fingerprints = {x.patient_id: ct_fingerprint(x.ct_path) for x in inputs}
+        todo, changed = [], []
+        for x in inputs:
+            path = out / "patients" / f"{_safe_id(x.patient_id)}.json"
+            previous = _read_record(path)
+            if force or previous is None:
+                todo.append(x)
+            elif previous.get("key") != {**key, "ct_sha256": fingerprints[x.patient_id]}:
+                todo.append(x)
+                changed.append(x.patient_id)
+        log(f"[screen] {len(inputs)} CT(s), {len(inputs) - len(todo)} already screened with this bundle and these "
+            f"scans (reused; --force redoes them)"
+            + (f"; {len(changed)} changed since (rescored): {', '.join(changed[:5])}" if changed else ""))
         loader = torch.utils.data.DataLoader(_Prepared(todo, spec, fail_on), batch_size=batch_size,
                                              num_workers=workers, collate_fn=list)
         for batch in tqdm(loader, desc="screening", disable=not progress, total=len(loader)):
@@ -238,24 +290,73 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
                     row.update(qc="failed", qc_reason=item["reason"])
                 else:
                     row.update(qc="passed", qc_reason="", **score(bundle, item["volume"]))
-                    if reports:
+                    if not all(np.isfinite(row[f"risk_{t}"]) for t in LABELS):  # never "not flagged" by a NaN
+                        row = {"patient_id": row["patient_id"], "ct_path": row["ct_path"], "qc": "failed",
+                               "qc_reason": "the bundle gave a non-finite risk for this CT (check the bundle)"}
+                    elif reports:
                         _report(bundle, item, row, out / "report" / f"{_safe_id(row['patient_id'])}.png")
                 write_text_atomic(out / "patients" / f"{_safe_id(row['patient_id'])}.json",
-                                  json.dumps(row, indent=1) + "\n")
-        rows = [json.loads((out / "patients" / f"{_safe_id(x.patient_id)}.json").read_text()) for x in inputs]
+                                  json.dumps(to_jsonable({**row, "key": {**key, "ct_sha256": fingerprints[row["patient_id"]]}}),
+                                             indent=1) + "\n")
+        # the table is rebuilt from the records, never appended to
+        rows = [{k: v for k, v in _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json").items() if k != "key"}
+                for x in inputs]
         frame = pd.DataFrame(rows)
         write_text_atomic(out / "predictions.csv", frame.to_csv(index=False))
         counts = {"inputs": len(inputs), "scored": int((frame["qc"] == "passed").sum()),
-                  "failed_qc": int((frame["qc"] == "failed").sum()), "resumed": len(inputs) - len(todo)}
-        meta = bundle["metadata"]
-        write_text_atomic(out / MARKER, json.dumps({
-            "bundle": {"name": meta["name"], "root": str(bundle["root"]), "format_version": meta["format_version"],
-                       "synthetic": meta["trained_on"]["synthetic"]},
-            "xcardia_version": __version__, "torch_version": torch.__version__, "counts": counts,
-            "data": str(Path(data).resolve())}, indent=1) + "\n")
+                  "failed_qc": int((frame["qc"] == "failed").sum()), "resumed": len(inputs) - len(todo),
+                  "rescored_changed": len(changed)}
+        record["counts"] = counts
+        performance = labelled_performance(Path(data), frame, bundle)
+        if performance is not None:
+            record["performance_by_subgroup"] = performance
+            log(f"[screen] the manifest has labels: performance by subgroup written to {out / MARKER}")
+        write_text_atomic(out / MARKER, json.dumps(to_jsonable({**record, "status": "complete"}), indent=1) + "\n")
     log(f"[screen] {counts['scored']} scored, {counts['failed_qc']} failed QC (listed with the reason): "
         f"{out / 'predictions.csv'}")
     return out
+
+
+def labelled_performance(data: Path, predictions: pd.DataFrame, bundle: dict, n_boot: int = 200) -> list[dict] | None:
+    """When ``data`` is a manifest that also holds task labels (an evaluation, not a blind screen): the scored
+    patients' subgroup table (:func:`xcardia.subgroups.subgroup_table`: AUROC, calibration, operating points by sex
+    and age band, with counts and intervals). None for a folder or a label-free manifest."""
+    from xcardia.subgroups import subgroup_table
+
+    if data.is_dir() or data.suffix.lower() != ".csv":
+        return None
+    table = pd.read_csv(data, dtype={"patient_id": str})
+    tasks = [t for t in LABELS if t in table]
+    if not tasks or "patient_id" not in table:
+        return None
+    scored = predictions[predictions["qc"] == "passed"].astype({"patient_id": str})
+    rows = table.drop_duplicates("patient_id").set_index("patient_id").reindex(scored["patient_id"]).reset_index()
+    labels = rows[tasks].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    risks = scored[[f"risk_{t}" for t in tasks]].to_numpy(dtype=float)
+    points = {t: {k: {"threshold": v["threshold"]} for k, v in bundle["inference"]["operating_points"][t].items()}
+              for t in tasks}
+    return subgroup_table(rows, labels, risks, points, n_boot=n_boot, tasks=tasks).to_dict(orient="records")
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or torn by a crash: screened again
+
+
+def _refuse_other_bundle(out: Path, bundle: dict) -> None:
+    """One screening folder, one bundle: a folder screened with another bundle is refused (its risks must never be
+    mixed with, or mistaken for, this bundle's)."""
+    previous = _read_record(out / MARKER)
+    if previous is None:
+        return
+    theirs = (previous.get("bundle") or {}).get("sha256")
+    if theirs != bundle["digest"]:
+        which = f"sha256 {theirs[:12]}…" if theirs else "no bundle digest: an earlier xcardia wrote it"
+        raise XcardiaError(f"--out {out} holds a screening by bundle {previous.get('bundle', {}).get('name')!r} "
+                           f"({which}); this is bundle {bundle['metadata']['name']!r} (sha256 "
+                           f"{bundle['digest'][:12]}…) — give another --out, or delete that folder to rescreen")
 
 
 class _Prepared(torch.utils.data.Dataset):

@@ -59,7 +59,7 @@ def calibration_slope_intercept(y: np.ndarray, risk: np.ndarray) -> tuple[float,
         return math.nan, math.nan
     x = np.log(risk / (1 - risk)).reshape(-1, 1)
     try:
-        model = LogisticRegression(penalty=None, max_iter=1000).fit(x, y.astype(int))
+        model = LogisticRegression(C=1e12, max_iter=1000).fit(x, y.astype(int))  # unpenalised in every version
     except ValueError:
         return math.nan, math.nan
     return float(model.coef_[0, 0]), float(model.intercept_[0])
@@ -110,7 +110,11 @@ def subgroup_table(table: pd.DataFrame, labels: np.ndarray, risk: np.ndarray, po
                                           else ((math.nan, math.nan), (math.nan, math.nan)))
             row.update(slope_low=s_lo, slope_high=s_hi, intercept_low=i_lo, intercept_high=i_hi)
             for point, spec in ((points or {}).get(task) or {}).items():
-                d = diagnostic_at_threshold(y, p, float(spec["threshold"]))
+                threshold = spec.get("threshold")
+                if threshold is None or math.isnan(float(threshold)):  # no operating point (a class absent on val)
+                    d = {k: math.nan for m in ("sensitivity", "specificity", "ppv") for k in (m, f"{m}_low", f"{m}_high")}
+                else:
+                    d = diagnostic_at_threshold(y, p, float(threshold))
                 for metric in ("sensitivity", "specificity", "ppv"):
                     row[f"{point}_{metric}"] = d[metric]
                     row[f"{point}_{metric}_low"] = d[f"{metric}_low"] if enough else math.nan

@@ -57,6 +57,15 @@ def plot_patient_report(volume: np.ndarray, saliency: np.ndarray, row: dict, poi
     ax.set_yticks(y, [SHORT.get(t, t) for t in LABELS], fontsize=8)
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:red", label="flagged at specificity 0.90"),
+                       Patch(color="tab:orange", label="flagged at sensitivity 0.90 only"),
+                       Patch(color="0.6", label="not flagged"),
+                       Line2D([], [], ls="none", marker="|", color="k", markersize=9, label="threshold, sensitivity 0.90"),
+                       Line2D([], [], ls="none", marker="x", color="k", markersize=7, label="threshold, specificity 0.90")],
+              fontsize=7, loc="lower right", frameon=True)
     ax.set_xlabel("calibrated risk (| threshold at sensitivity 0.90, × at specificity 0.90)", fontsize=9)
     title = f"patient {row['patient_id']}"
     if synthetic:
@@ -98,4 +107,38 @@ def plot_decision_curves(curves: dict[str, pd.DataFrame]):
     axes[0][0].set_ylabel("net benefit", fontsize=9)
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    return fig
+
+
+def plot_subgroups(table: pd.DataFrame, tasks: list[str]):
+    """Per task (one column): AUROC (top) and calibration slope (bottom) by subgroup with 95 % intervals; a hollow
+    marker is a subgroup too small for an interval. Dashed: the whole test split's value (AUROC) and perfect
+    calibration (slope 1)."""
+    from xcardia.schema import LABEL_SHORT
+
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.3 * len(tasks) + 0.8, 5.4), sharey="row", squeeze=False)
+    groups = list(dict.fromkeys(table["subgroup"]))
+    y = np.arange(len(groups))[::-1]
+    for c, task in enumerate(tasks):
+        part = table[table["task"] == task].set_index("subgroup").reindex(groups)
+        for r, (value, low, high, reference, label) in enumerate((
+                ("auroc", "auroc_low", "auroc_high", float(part.loc["all", "auroc"]), "AUROC"),
+                ("calibration_slope", "slope_low", "slope_high", 1.0, "calibration slope"))):
+            ax = axes[r, c]
+            v = pd.to_numeric(part[value], errors="coerce")
+            lo, hi = pd.to_numeric(part[low], errors="coerce"), pd.to_numeric(part[high], errors="coerce")
+            has = lo.notna().to_numpy()
+            ax.errorbar(v[has], y[has], xerr=[(v - lo)[has], (hi - v)[has]], fmt="o", color="k", ms=4, capsize=2, lw=1)
+            ax.plot(v[~has], y[~has], "o", mfc="white", mec="k", ms=4, label="too small for an interval")
+            ax.axvline(reference, color="tab:blue", lw=0.8, ls="--")
+            ax.set_yticks(y)
+            ax.set_yticklabels([f"{g} (n+ {int(n)})" for g, n in zip(groups, part["n_pos"])], fontsize=8)
+            ax.set_xlabel(label, fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+            if r == 0:
+                ax.set_title(LABEL_SHORT.get(task, task), fontsize=10)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles[:1], labels[:1], loc="lower center", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig

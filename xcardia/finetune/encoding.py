@@ -38,10 +38,12 @@ class EncodedInit:
         return np.array([self.position[int(r)] for r in rows], dtype=np.int64)
 
 
-def refuse_unfinished(source: str, allow_unfinished: bool = False, log=print) -> bool:
+def refuse_unfinished(source: str, allow_unfinished: bool = False, log=print,
+                      flag: str | None = "--allow-unfinished") -> bool:
     """Whether ``source`` is a pretraining run folder whose ``run.json`` does not say ``complete``; such a run is
-    refused in one line unless ``allow_unfinished`` (then said in the log). Returns True for an accepted
-    unfinished run."""
+    refused in one line unless ``allow_unfinished`` (then said in the log). ``flag``: the option of the calling
+    command that accepts an unfinished run, named in the refusal (None: the command has none). Returns True for an
+    accepted unfinished run."""
     p = Path(str(source))
     if not p.is_dir():
         return False
@@ -51,8 +53,9 @@ def refuse_unfinished(source: str, allow_unfinished: bool = False, log=print) ->
         return False
     if not allow_unfinished:
         raise XcardiaError(f"--init {source}: the pretraining run did not finish (run.json status: {status}); "
-                           f"finish it with `pretrain --resume --out {source}`, or pass --allow-unfinished to "
-                           f"evaluate its latest encoder (the results will say so)")
+                           f"finish it with `pretrain --resume --out {source}`"
+                           + (f", or pass {flag} to evaluate its latest encoder (the results will say so)" if flag
+                              else " first"))
     log(f"[finetune] warning: {source} did not finish (status {status}); evaluating its latest encoder as asked")
     return True
 
