@@ -141,3 +141,18 @@ def test_training_profiles_have_no_per_cell_limit():
     from xcardia.config import PROFILES
 
     assert PROFILES["cpu"].notebook_timeout_s is None and PROFILES["paper"].notebook_timeout_s is None
+
+
+def test_executed_smoke_notebooks_write_nothing_to_stderr_and_show_no_stray_reprs(smoke_reproduction):
+    """Issue 33.5: a warning in an executed notebook is noise a student reads as a problem; a bare ``PosixPath(...)``
+    is a cell that forgot to assign what it returned."""
+    noise = []
+    for path in sorted((smoke_reproduction / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            for output in cell.get("outputs", []):
+                if output.output_type == "stream" and output.name == "stderr":
+                    noise.append((path.name, index, output.text[:160]))
+                if output.output_type == "execute_result" and "PosixPath(" in str(output.get("data", {}).get("text/plain", "")):
+                    noise.append((path.name, index, "a stray PosixPath repr"))
+    assert not noise, noise

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variant", choices=["paper", "fixed"], help="paper: the public code's settings; fixed: corrected")
     t.add_argument("--nw-query", choices=["fused", "image"])
     t.add_argument("--bank", choices=["kmeans", "queue", "batch"])
+    t.add_argument("--bank-k-per-concept", type=_positive_int, help="k-means exemplars per concept (paper: 5)")
     t.add_argument("--batch-size", type=_positive_int, help="per process")
     t.add_argument("--workers", type=_workers, help="data loader processes (capped at the CPU count)")
     t.add_argument("--cache", help="preprocessed-CT cache folder (default: next to --out)")
@@ -266,7 +267,8 @@ def _cmd_pretrain(args) -> int:
 
     profile = get_profile(args.profile)
     overrides = {"epochs": args.epochs, "seed": args.seed, "variant": args.variant, "nw_query": args.nw_query,
-                 "bank": args.bank, "batch_size": args.batch_size, "num_workers": args.workers,
+                 "bank": args.bank, "bank_k_per_concept": args.bank_k_per_concept, "batch_size": args.batch_size,
+                 "num_workers": args.workers,
                  "bf16": args.bf16, "channels_last": args.channels_last}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True

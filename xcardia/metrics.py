@@ -166,7 +166,14 @@ def _macro_boots(y: np.ndarray, s: np.ndarray, idx: np.ndarray) -> tuple[float, 
         boots.append(np.mean([_resampled_auroc(y[:, t], run[:, t], idx, counts) for run in s], axis=0))
     if not point:
         return math.nan, np.full(idx.shape[0], np.nan), 0
-    return float(np.mean(point)), np.nanmean(np.stack(boots), axis=0), len(point)
+    # the mean over tasks scorable in each resample (np.nanmean's arithmetic, without its warning for a resample
+    # where no task has both classes: that resample's macro is NaN and the interval leaves it out)
+    stacked = np.stack(boots)
+    valid = ~np.isnan(stacked)
+    counted = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot_means = np.where(counted > 0, np.where(valid, stacked, 0.0).sum(axis=0) / counted, np.nan)
+    return float(np.mean(point)), boot_means, len(point)
 
 
 def bootstrap_macro_auroc_ci(y_true: np.ndarray, scores, n_boot: int = 1000, seed: int = 0,

@@ -347,7 +347,7 @@ def wide_auroc_table(table: pd.DataFrame) -> pd.DataFrame:
     cells = table.assign(cell=[format_ci(r.auroc, r.ci_low, r.ci_high, 2) for r in table.itertuples()])
     wide = cells.pivot(index="init", columns="task", values="cell")
     order = [t for t in (*LABELS, "macro") if t in wide.columns]
-    wide = wide[order]
+    wide = wide.loc[sorted(wide.index, key=method_rank), order]
     positives = table.dropna(subset=["n_pos"]).drop_duplicates("task").set_index("task")["n_pos"]
     wide.loc["(test positives)"] = [str(int(positives[t])) if t in positives else "" for t in order]
     wide.columns = [LABEL_SHORT.get(c, c) for c in order]
@@ -494,3 +494,70 @@ def first_seed(frame: pd.DataFrame, column: str = "init") -> pd.DataFrame:
     """Rows of the first pretraining seed's selected encoders (and scratch_s0): one line per method in a figure."""
     names = frame[column].astype(str)
     return frame[(names.str.endswith("_s0") | ~names.str.contains(r"_s\d", regex=True)) & ~names.str.contains("@")]
+
+
+#: Display names and the one order every table and figure uses: scratch → CLIP-only → X-Cardia as published →
+#: X-Cardia fixed → the ablations.
+METHOD_DISPLAY = {"scratch": "scratch", "clip": "CLIP only", "xcardia_paper": "X-Cardia published",
+                  "xcardia_fixed": "X-Cardia fixed", "nw_only": "NW only", "scratch_all": "scratch, all layers"}
+METHOD_ORDER = ("scratch", "scratch_all", "clip", "xcardia_paper", "xcardia_fixed", "nw_only")
+
+
+def method_rank(init: str) -> tuple[int, str]:
+    """Sort key of an init or method name in :data:`METHOD_ORDER` (unknown methods last, then by name)."""
+    group = group_of(init).split("@")[0]
+    return (METHOD_ORDER.index(group) if group in METHOD_ORDER else len(METHOD_ORDER), init)
+
+
+def in_method_order(frame: pd.DataFrame, column: str = "init") -> pd.DataFrame:
+    """``frame`` with its rows in :data:`METHOD_ORDER` by ``column`` (stable within a method)."""
+    if frame.empty or column not in frame:
+        return frame
+    return frame.iloc[sorted(range(len(frame)), key=lambda i: method_rank(str(frame[column].iloc[i])))]
+
+
+def _display_comparison(comparison: str) -> str:
+    return " − ".join(METHOD_DISPLAY.get(part.strip(), part.strip()) for part in comparison.split("−"))
+
+
+def claim_sentences(claims: list[dict], setting: str | None = None) -> list[str]:
+    """One sentence per claim row, computed from the run's own intervals (the conclusion cell of notebooks 04 and
+    05): the comparison, the setting, the selection, the measured difference with its 95 % interval, and the verdict.
+    ``setting``: ``"full"`` or ``"five_shot"`` to keep one setting's rows."""
+    out = []
+    for c in claims:
+        five = "5-shot" in c["claim"]
+        if setting == "full" and five or setting == "five_shot" and not five:
+            continue
+        what = ("5-shot macro AUROC" if five else "largest per-task AUROC gain, all labels" if "up to" in c["claim"]
+                else "macro AUROC, all labels")
+        selection = "last-epoch encoders" if c.get("selection") == "last" else "selected encoders"
+        measured = format_ci(c["measured"], c["ci_low"], c["ci_high"])
+        measured = measured if measured.startswith("-") else "+" + measured
+        out.append(f"{_display_comparison(c['comparison'])} ({what}, {selection}): {measured} — {c['verdict']}.")
+    return out
+
+
+def reference_column(table: pd.DataFrame, reference: dict | None, part: str, protocol: str = "paper",
+                     label: str = "cpu reference") -> pd.DataFrame:
+    """:func:`seed_aware_method_table`'s ``table`` with the committed reference run's value of each method beside it
+    (``reference``: a ``metrics.json`` as a dict, e.g. ``results/cpu``'s; ``part``: ``finetune`` or ``fewshot``), so
+    a smoke number is read against what the full profile measured. Methods the reference lacks get "–"."""
+    rows = (reference or {}).get(part, {}).get("seed_aware", {}).get(protocol, {}).get("methods", [])
+    values = {r["method"]: format_ci(r["auroc"], r["ci_low"], r["ci_high"]) for r in rows}
+    if table.empty:
+        return table
+    return table.assign(**{label: [values.get(m, "–") for m in table.index]})
+
+
+def reference_metrics(path=None) -> dict | None:
+    """The committed reference run's ``metrics.json`` (``results/cpu``), or None when this checkout has none."""
+    import json
+
+    from xcardia.paths import project_root
+
+    path = path or project_root() / "results" / "cpu" / "metrics.json"
+    try:
+        return json.loads(open(path).read())
+    except (OSError, ValueError):
+        return None

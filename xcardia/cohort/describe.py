@@ -20,6 +20,10 @@ from xcardia.cohort.render import HEART_LABELS, STRUCTURES, RenderedCT, render_c
 from xcardia.schema import COLUMN_BY_NAME, ECHONEXT_PREVALENCE, LABEL_SHORT, LABELS, SPLITS, columns_in_group
 from xcardia.data.manifest import resolve_ct_path
 
+#: Published CT-only detection of reduced LVEF (< 50 %) on non-contrast / non-gated CT: the AUROC range the cohort's
+#: difficulty is calibrated toward (sources: ``data_cards/synthetic_cohort.md``).
+LITERATURE_CT_LVEF_AUROC = (0.76, 0.79)
+
 
 def synthetic_spec(manifest: pd.DataFrame) -> CohortSpec | None:
     """The generator spec of a synthetic cohort (from ``cohort.json`` beside the manifest); None for a real cohort."""

@@ -72,7 +72,9 @@ def plot_missingness(missing: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(5.0, 0.24 * len(shown) + 1.4))
     sns.heatmap(shown, annot=True, fmt=".2f", cmap="Greys", vmin=0, vmax=1, cbar=False, ax=ax, annot_kws={"size": 8})
     ax.tick_params(axis="y", labelsize=8)
-    ax.set_xticklabels([t.get_text().replace("_", " ") for t in ax.get_xticklabels()], rotation=0, fontsize=8)
+    # headers such as "missing in sinus rhythm" would overlap side by side: wrapped onto two lines, tilted
+    ax.set_xticklabels([t.get_text().replace("_", " ").replace(" in ", "\nin ", 1) for t in ax.get_xticklabels()],
+                       rotation=30, ha="left", fontsize=8)
     ax.xaxis.tick_top()
     fig.tight_layout()
     return fig
@@ -167,9 +169,11 @@ def plot_visibility(visibility: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(min(1.0 * len(data.columns) + 2.5, 10), 4.2))
     sns.heatmap(data, annot=True, fmt=".2f", vmin=0.5, vmax=1.0, cmap="viridis", ax=ax, annot_kws={"size": 8})
     ax.tick_params(axis="x", rotation=35, labelsize=8)
+    ax.set_title("AUROC of each single CT measurement per task", fontsize=10)
     if empty:
-        ax.set_title(f"not shown (undefined on this field of view): {', '.join(empty)}", fontsize=8)
-    fig.tight_layout()
+        fig.text(0.01, 0.005, f"not shown (undefined on this field of view): {', '.join(empty)}", fontsize=7,
+                 color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if empty else 0, 1, 1))
     return fig
 
 

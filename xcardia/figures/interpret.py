@@ -122,8 +122,9 @@ def plot_calibration(curves: dict[str, pd.DataFrame], sweep: pd.DataFrame):
     return fig
 
 
-def plot_saliency_example(volume: np.ndarray, heart: np.ndarray, maps: dict[str, np.ndarray]):
-    """One patient's axial slice with each saliency map over it and the heart outline."""
+def plot_saliency_example(volume: np.ndarray, heart: np.ndarray, maps: dict[str, np.ndarray], init: str = ""):
+    """One patient's axial slice with each saliency map over it (``init``'s fine-tuned model), the heart outline and
+    a colour bar (saliency scaled to its maximum on the slice)."""
     centre = tuple(int(round(v)) for v in np.argwhere(heart).mean(axis=0)) if heart.any() else tuple(s // 2 for s in volume.shape)
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 3.2))
     lo, hi = window_limits("mediastinal")
@@ -132,14 +133,19 @@ def plot_saliency_example(volume: np.ndarray, heart: np.ndarray, maps: dict[str,
     axes[0].imshow(base, cmap="gray", vmin=lo, vmax=hi)
     axes[0].contour(outline, levels=[0.5], colors="tab:red", linewidths=0.8)
     axes[0].set_title("CT and heart (label map)", fontsize=9)
+    shown = None
     for ax, (name, m) in zip(axes[1:], maps.items()):
         ax.imshow(base, cmap="gray", vmin=lo, vmax=hi)
-        ax.imshow(np.clip(radiological_slices(m, centre)["axial"], 0, None), cmap="jet", alpha=0.45)
+        overlay = np.clip(radiological_slices(m, centre)["axial"], 0, None)
+        top = float(overlay.max()) or 1.0
+        shown = ax.imshow(overlay / top, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.contour(outline, levels=[0.5], colors="white", linewidths=0.8)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(f"{init}: {name}" if init else name, fontsize=9)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes[1:]), fraction=0.03, pad=0.02, label="positive saliency / slice maximum")
     return fig
 
 

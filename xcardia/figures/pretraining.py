@@ -69,8 +69,11 @@ def plot_temperatures(logs: dict[str, pd.DataFrame]):
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.0))
-    for ax, column, title in ((axes[0], "clip_temperature", "CLIP temperature τ"), (axes[1], "nw_temperature", "NW temperature τ")):
-        for i, (name, log) in enumerate(_merge_identical(logs, column).items()):
+    # a run without an NW head (CLIP only) has no NW temperature to show: it is left off that panel
+    with_nw = {n: log for n, log in logs.items() if "train_nw" in log and (log["train_nw"].fillna(0) != 0).any()}
+    for ax, column, title, runs in ((axes[0], "clip_temperature", "CLIP temperature τ", logs),
+                                    (axes[1], "nw_temperature", "NW temperature τ", with_nw)):
+        for i, (name, log) in enumerate(_merge_identical(runs, column).items()):
             if column in log and log[column].notna().any():
                 ax.plot(log["epoch"], log[column], marker=MARKERS[i % len(MARKERS)], ms=4, label=name,
                         color=method_colour(name.split(" = ")[0]), ls=LINESTYLES[i % len(LINESTYLES)], alpha=0.9)
@@ -95,10 +98,18 @@ def _merge_identical(logs: dict[str, pd.DataFrame], column: str) -> dict[str, pd
 
 
 def plot_concept_metrics(logs: dict[str, pd.DataFrame]):
-    """Validation concept AUROC and ECE of the NW head per epoch."""
-    fig = _per_epoch(logs, [("val_concept_auroc", "validation concept AUROC (NW)"),
-                            ("val_concept_ece", "validation concept ECE (NW)")])
+    """Validation concept AUROC of the NW head per epoch with the fused query and with the image embedding alone
+    (the same bank, its supports represented by their CT alone: what the CT encoder contributes), and the fused
+    query's ECE."""
+    fig = _per_epoch(logs, [("val_concept_auroc", "validation concept AUROC (NW, fused query)"),
+                            ("val_image_query_concept_auroc", "… with the image-only query, same bank"),
+                            ("val_concept_ece", "validation concept ECE (NW, fused query)")])
     fig.axes[0].axhline(0.5, color="0.7", lw=0.8, ls="--")
+    fig.axes[1].axhline(0.5, color="0.7", lw=0.8, ls="--")
+    low = min(ax.get_ylim()[0] for ax in fig.axes[:2])
+    high = max(ax.get_ylim()[1] for ax in fig.axes[:2])
+    for ax in fig.axes[:2]:  # one scale, so the gap between the two queries reads directly
+        ax.set_ylim(low, high)
     return fig
 
 
@@ -150,5 +161,61 @@ def plot_nw_weights(weights: dict[str, np.ndarray], max_queries: int = 3):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.flat[0].set_ylabel("NW weight")
     axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_method_overview():
+    """The method in one picture (docs/method.md §2): the CT encoder and the tabular encoder, the CLIP logits between
+    their projections, the Nadaraya–Watson head that predicts the four concepts from the fused query over a bank of
+    k-means exemplars, and — below — what fine-tuning keeps of it (the CT encoder alone: frozen trunk, trained last
+    stage, ten heads). Drawn with matplotlib boxes; no data."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(9.0, 5.2))
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 62)
+    ax.axis("off")
+
+    def box(x, y, w, h, text, colour, weight="normal"):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.4,rounding_size=1.2", fc=colour, ec="0.3", lw=1))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5, weight=weight, wrap=True)
+
+    def arrow(x0, y0, x1, y1, style="-|>", colour="0.25", dashed=False, connection="arc3"):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle=style, mutation_scale=10, color=colour, lw=1.1,
+                                     linestyle="--" if dashed else "-", connectionstyle=connection))
+
+    ax.text(1, 60, "Pretraining (CT + echo/ECG tables, no labels)", fontsize=10, weight="bold", va="top")
+    box(1, 45, 14, 7, "non-contrast\nchest CT", "#e8e8e8")
+    box(20, 45, 17, 7, "3D ResNet\n(CT encoder) → 128-d", "#cfe2f3", "bold")
+    box(42, 45, 12, 7, "projection\n→ e_img", "#cfe2f3")
+    box(1, 31, 14, 7, "echo + ECG\ntable (46 cols)", "#e8e8e8")
+    box(20, 31, 17, 7, "tabular\ntransformer", "#f4cccc", "bold")
+    box(42, 31, 12, 7, "projection\n→ e_tab", "#f4cccc")
+    box(60, 45, 18, 7, "CLIP logits\ne_img·e_tab / τ (0.07)", "#fff2cc")
+    box(60, 31, 18, 7, "NW head: query\nnormalize(e_img + e_tab)", "#d9ead3")
+    box(83, 31, 14, 7, "support bank:\nk-means exemplars\n(5 per concept)", "#d9ead3")
+    box(60, 19, 18, 6, "4 concepts: IVSd, LVPWd,\nLVIDd, LVIDs abnormal", "#d9ead3")
+    box(83, 45, 16, 7, "L = L_clip\n+ λ_nw · L_nw", "#fff2cc", "bold")
+    for (x0, y0, x1, y1) in ((15, 48.5, 20, 48.5), (37, 48.5, 42, 48.5), (15, 34.5, 20, 34.5), (37, 34.5, 42, 34.5),
+                             (54, 48.5, 60, 48.5), (54, 34.5, 60, 46), (54, 48, 60, 36), (54, 34.5, 60, 34.5),
+                             (83, 34.5, 78, 34.5), (69, 31, 69, 25), (78, 48.5, 83, 48.5)):
+        arrow(x0, y0, x1, y1)
+    arrow(78, 22, 99.6, 45, connection="angle,angleA=0,angleB=90")  # BCE on the observed concepts → L_nw
+    ax.text(88, 23, "BCE (observed\nconcepts only)", fontsize=7, ha="center", va="bottom", color="0.3")
+    ax.text(69, 28, "cosine kernel, τ_nw\n(1 published, learned fixed)", fontsize=7, ha="left", va="center", color="0.3")
+
+    ax.plot([1, 99], [15.5, 15.5], color="0.6", lw=0.8, ls=":")
+    ax.text(1, 14, "Fine-tuning (CT only, ten echo-defined tasks)", fontsize=10, weight="bold", va="top")
+    box(1, 2, 14, 6, "CT", "#e8e8e8")
+    box(20, 2, 17, 6, "stem + layer1–3\nfrozen (cached)", "#cfe2f3")
+    box(42, 2, 12, 6, "layer4\ntrained", "#cfe2f3", "bold")
+    box(60, 2, 18, 6, "feature layer\n(re-initialised)", "#cfe2f3")
+    box(83, 2, 16, 6, "10 heads,\nmasked BCE", "#fce5cd", "bold")
+    for (x0, y0, x1, y1) in ((15, 5, 20, 5), (37, 5, 42, 5), (54, 5, 60, 5), (78, 5, 83, 5)):
+        arrow(x0, y0, x1, y1)
+    arrow(28.5, 45, 28.5, 8, dashed=True, colour="tab:blue")
+    ax.text(29.5, 26, "the CT encoder's\nweights are all\nfine-tuning keeps", fontsize=7, color="tab:blue", va="center")
     fig.tight_layout()
     return fig
