@@ -24,6 +24,17 @@ def tiny_cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bundle_dir(tiny_cohort, tmp_path_factory):
+    """A screening bundle exported from a scratch init of the tiny cohort (read-only: tests that damage one copy it)."""
+    from xcardia.cli import main
+
+    out = tmp_path_factory.mktemp("bundle") / "model"
+    assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(out),
+                 "--name", "scratch_s0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smoke_reproduction(tmp_path_factory):
     """``reproduce --profile smoke`` of every notebook in the repository, once per session (the notebook tests and
     the browser test share it)."""

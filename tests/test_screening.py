@@ -61,13 +61,6 @@ def test_operating_points_meet_their_targets_on_the_patients_they_were_chosen_on
 
 
 # ------------------------------------------------------------------------------------------ bundle and screen
-@pytest.fixture(scope="module")
-def bundle_dir(tiny_cohort, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "model"
-    assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(out),
-                 "--name", "scratch_s0"]) == 0
-    return out
-
 
 def test_the_bundle_has_the_monai_layout_and_reads_through_monai_bundle_offline(bundle_dir):
     from monai.bundle import ConfigParser
@@ -203,7 +196,7 @@ def _chest_folder(tmp_path, names):
 
 def test_ids_that_sanitise_alike_and_a_very_long_id_get_their_own_records(bundle_dir, tmp_path):
     """Issue 32.1: ``P 1``, ``P_1`` and ``P/1`` once shared ``patients/P_1.json`` (three patients, one risk)."""
-    folder = _chest_folder(tmp_path, ["a", "b", "c", "d"])
+    _chest_folder(tmp_path, ["a", "b", "c", "d"])  # tmp_path/cts, beside the manifest
     long_id = "L" * 248
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"patient_id": ["P 1", "P_1", "P/1", long_id],  # paths relative to the manifest's folder

@@ -53,18 +53,10 @@ def test_a_subgroup_too_small_for_an_interval_says_so_and_keeps_its_counts():
     assert not math.isnan(out.loc["sex M", "sensitivity_90_sensitivity_low"])
 
 
-@pytest.fixture(scope="module")
-def smoke_bundle(tiny_cohort, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "model"
-    assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke", "--out", str(out),
-                 "--name", "scratch_s0"]) == 0
-    return out
-
-
-def test_the_bundle_card_and_metadata_hold_the_subgroup_table_with_its_counts(smoke_bundle, tiny_cohort):
+def test_the_bundle_card_and_metadata_hold_the_subgroup_table_with_its_counts(bundle_dir, tiny_cohort):
     from xcardia.data.manifest import load_manifest
 
-    meta = json.loads((smoke_bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     rows = pd.DataFrame(meta["test_subgroups"])
     manifest = load_manifest(tiny_cohort)
     test = manifest[manifest["split"] == "test"]
@@ -74,7 +66,7 @@ def test_the_bundle_card_and_metadata_hold_the_subgroup_table_with_its_counts(sm
         y = test[task].to_numpy(float)[groups[group]]
         assert (row["n"], row["n_pos"], row["n_neg"]) == (groups[group].sum(), (y == 1).sum(), (y == 0).sum())
         assert row["interval"] == ("yes" if min(row["n_pos"], row["n_neg"]) >= MIN_PER_CLASS else "too small for an interval")
-    card = (smoke_bundle / "docs" / "README.md").read_text()
+    card = (bundle_dir / "docs" / "README.md").read_text()
     assert "## Performance by subgroup" in card and "What a site must measure" in card
     assert "cannot show about subgroups" in card  # a synthetic cohort says what it cannot show
     assert card.count("| lvef_lte_45_flag | ") >= len(groups)
@@ -112,7 +104,7 @@ def test_the_shift_table_pairs_the_same_patients():
     assert worse["difference"] < 0 and worse["difference_low"] <= worse["difference"] <= worse["difference_high"]
 
 
-def test_screening_a_labelled_manifest_writes_the_subgroup_table_into_screen_json(smoke_bundle, tiny_cohort, tmp_path):
+def test_screening_a_labelled_manifest_writes_the_subgroup_table_into_screen_json(bundle_dir, tiny_cohort, tmp_path):
     """Issue 34.1: an evaluation run (a manifest that still has its labels) reports performance by subgroup; a
     label-free one does not."""
     from xcardia.data.manifest import load_manifest
@@ -123,11 +115,25 @@ def test_screening_a_labelled_manifest_writes_the_subgroup_table_into_screen_jso
     labelled = tmp_path / "labelled.csv"
     test[["patient_id", "ct_path", "sex", "age_years", *LABELS]].assign(
         ct_path=[str(tiny_cohort / p) for p in test["ct_path"]]).to_csv(labelled, index=False)
-    assert main(["screen", "--model", str(smoke_bundle), "--data", str(labelled), "--out", str(tmp_path / "s")]) == 0
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(labelled), "--out", str(tmp_path / "s")]) == 0
     record = json.loads((tmp_path / "s" / "screen.json").read_text())
     rows = pd.DataFrame(record["performance_by_subgroup"])
     assert set(rows["subgroup"]) >= {"all", "sex F", "sex M"} and set(rows["task"]) == set(LABELS)
     assert int(rows[(rows["subgroup"] == "all") & (rows["task"] == LABELS[0])]["n"].iloc[0]) == record["counts"]["scored"]
     blind = label_free_manifest(manifest, "test", tmp_path / "blind.csv")
-    assert main(["screen", "--model", str(smoke_bundle), "--data", str(blind), "--out", str(tmp_path / "b")]) == 0
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(blind), "--out", str(tmp_path / "b")]) == 0
     assert "performance_by_subgroup" not in json.loads((tmp_path / "b" / "screen.json").read_text())
+
+
+def test_the_bundle_card_reports_the_shifted_scanner_on_the_same_test_patients(bundle_dir, tiny_cohort):
+    """Issue 34.2: the card and metadata carry the shifted-scanner check — every test patient re-rendered, its QC,
+    and per task AUROC on both scans with the paired difference."""
+    from xcardia.data.manifest import load_manifest
+
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    check = meta["test_shifted_scanner"]
+    n_test = int((load_manifest(tiny_cohort)["split"] == "test").sum())
+    assert check["n"] == n_test and 0 <= check["qc_passed"] <= n_test and check["shift"]["noise_factor"] == 2.0
+    assert [r["task"] for r in check["table"]] == list(LABELS)
+    card = (bundle_dir / "docs" / "README.md").read_text()
+    assert "## On a shifted scanner: low dose (noise SD × 2)" in card and f"{check['qc_passed']} of {n_test}" in card

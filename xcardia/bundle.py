@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -230,6 +231,8 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
     network = ScreeningNetwork(encoded.encoder.spec.to_dict())
     network.encoder.load_state_dict(encoded.encoder.state_dict())
     network.top.load_state_dict(top.state_dict())
+    shifted = shifted_scanner_check(manifest, test, network, calibration, profile.preprocess, calibrated_test,
+                                    Path(cache_dir or out.parent / "cache") / "shifted_scans", spec.n_boot, seed)
     bank = _image_bank(init, manifest, cache_dir or out.parent / "cache")
     synthetic = _synthetic(manifest)
     preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(profile.preprocess).items()}
@@ -257,6 +260,7 @@ def export_bundle(out_dir: str | os.PathLike, profile, manifest_path: str | os.P
                                  "is_patch_data": False, "channel_def": {str(i): t for i, t in enumerate(LABELS)}}}},
         "test_metrics": card_rows,
         "test_subgroups": subgroups.to_dict(orient="records"),
+        "test_shifted_scanner": shifted,
     }
     inference = {
         "imports": ["$import xcardia.bundle"],
@@ -436,6 +440,7 @@ def model_card(metadata: dict, inference: dict) -> str:
         lines.append(f"| {row['task']} | {auc} | {row['n_pos']} / {row['n_neg']} | {ece(row['ece_raw'])} → "
                      f"{ece(row['ece_calibrated'])} | {row['calibration']} |")
     lines += subgroup_card_section(metadata.get("test_subgroups") or [], synthetic)
+    lines += shifted_card_section(metadata.get("test_shifted_scanner"))
     lines += ["", "## Intended use and limits", "", metadata["intended_use"] + ".",
               "Operating points were chosen on the validation split at its prevalence; at another prevalence the "
               "positive predictive value changes (notebook 06 shows by how much). Non-contrast, non-gated chest CT "
@@ -466,6 +471,67 @@ def _with_interval(row: dict, key: str, low: str, high: str, digits: int = 2) ->
     if value == "–" or row.get(low) is None or (isinstance(row.get(low), float) and math.isnan(row[low])):
         return value
     return f"{value} [{_fmt(row[low], digits)}, {_fmt(row[high], digits)}]"
+
+
+def shifted_scanner_check(manifest, rows, network, calibration: dict, preprocess, risk_original: np.ndarray,
+                          folder, n_boot: int = 200, seed: int = 0) -> dict | None:
+    """The model card's shifted-scanner check (:data:`xcardia.subgroups.SHIFT`): the test patients at ``rows``
+    re-rendered on the shifted scanner into ``folder``, preprocessed as a screen would (a scan that preprocessing's
+    series QC refuses is counted with its reason, never scored), scored by ``network`` with the bundle's
+    ``calibration``, and set beside their original calibrated risks (:func:`xcardia.subgroups.shift_table`). None for
+    a real cohort, which cannot be re-rendered.
+
+    Returns:
+        ``{"shift", "n", "qc_passed", "qc_reasons", "table"}`` (the pairs are the patients whose shifted scan passed).
+    """
+    from xcardia.cohort.describe import synthetic_spec
+    from xcardia.data.imaging import preprocess_ct
+    from xcardia.subgroups import SHIFT, render_shifted_scans, shift_table
+
+    if synthetic_spec(manifest) is None:
+        return None
+    rows = np.asarray(rows)
+    shifted = pd.read_csv(render_shifted_scans(manifest, rows, folder, SHIFT))
+    keep, risks, reasons = [], [], {}
+    network.eval()
+    for k, rel in enumerate(shifted["ct_path"]):
+        try:
+            volume = preprocess_ct(Path(folder) / rel, preprocess)
+        except XcardiaError as exc:
+            reason = str(exc).split(": ")[-1][:80]
+            reasons[reason] = reasons.get(reason, 0) + 1
+            continue
+        with torch.no_grad():
+            raw = torch.sigmoid(network(torch.as_tensor(volume)[None, None]))[0].numpy()
+        risks.append([float(apply_calibration(raw[t:t + 1], calibration[task])[0]) for t, task in enumerate(LABELS)])
+        keep.append(k)
+    labels = manifest[list(LABELS)].to_numpy(dtype=float)[rows]
+    table = (shift_table(labels[keep], risk_original[keep], np.array(risks), n_boot=n_boot, seed=seed)
+             if keep else pd.DataFrame())
+    return {"shift": dict(SHIFT), "n": int(len(rows)), "qc_passed": int(len(keep)), "qc_reasons": reasons,
+            "table": table.to_dict(orient="records")}
+
+
+def shifted_card_section(check: dict | None) -> list[str]:
+    """The model card's shifted-scanner section: the same test patients on a shifted (low-dose) scanner — QC, and
+    per task the AUROC on both scans, the paired difference with its interval, and the calibration slope on each."""
+    if not check:
+        return []
+    out = ["", f"## On a shifted scanner: {check['shift']['name']}", "",
+           f"The {check['n']} test patients re-rendered by the generator with the noise SD multiplied by "
+           f"{check['shift']['noise_factor']:g} (capped at {check['shift']['noise_cap_hu']:g} HU) — same anatomy, "
+           f"cardiac phase, position and labels — and scored by this model: {check['qc_passed']} of {check['n']} passed "
+           f"preprocessing's series QC" + (f" (failed: {', '.join(f'{k} {v}' for k, v in check['qc_reasons'].items())})"
+                              if check["qc_reasons"] else "") +
+           ". AUROC difference shifted − original on the same patients with a 95 % patient-bootstrap interval; a task "
+           "with fewer than 5 positives or negatives gets no interval.", "",
+           "| task | n+ / n− | AUROC original | AUROC shifted | difference | calibration slope original → shifted |",
+           "|---|---|---|---|---|---|"]
+    for row in check["table"]:
+        out.append(f"| {row['task']} | {row['n_pos']} / {row['n_neg']} | {_fmt(row['auroc_original'], 3)} | "
+                   f"{_fmt(row['auroc_shifted'], 3)} | {_with_interval(row, 'difference', 'difference_low', 'difference_high', 3)} | "
+                   f"{_fmt(row['calibration_slope_original'])} → {_fmt(row['calibration_slope_shifted'])} |")
+    return out
 
 
 def subgroup_card_section(rows: list[dict], synthetic: bool) -> list[str]:

@@ -184,3 +184,4 @@ def shift_table(labels: np.ndarray, risk_original: np.ndarray, risk_shifted: np.
             row[f"calibration_slope_{name}"], row[f"calibration_intercept_{name}"] = slope, intercept
         rows.append(row)
     return pd.DataFrame(rows)
+
