@@ -155,6 +155,7 @@ def test_a_folder_of_nifti_files_and_a_dicom_series_is_screened_without_a_manife
     for name, volume in (("abdomen", _abdomen()), ("contrast", _contrast())):
         nib.save(nib.Nifti1Image(np.rint(volume).astype(np.int16), np.diag([*SPACING, 1.0])), str(folder / f"{name}.nii.gz"))
     write_dicom_series(folder / "series_7", 24, slice_mm=8.0, chest=True)
+    (folder / "notes.txt").write_text("not a CT")
     snapshot = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     out = tmp_path / "out"
     import xcardia.data.imaging as imaging
@@ -170,6 +171,8 @@ def test_a_folder_of_nifti_files_and_a_dicom_series_is_screened_without_a_manife
     assert np.isnan(rows.loc["abdomen", f"risk_{LABELS[0]}"])  # never scored
     assert rows.loc["chest", "qc"] == "passed" and 0 <= rows.loc["chest", f"risk_{LABELS[0]}"] <= 1
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == snapshot  # inputs untouched
+    record = json.loads((out / "screen.json").read_text())  # a non-image is listed, and the counts add up
+    assert record["skipped_not_an_image"] == ["notes.txt"] and record["counts"]["inputs"] == 4
 
 
 def test_screen_refuses_to_write_inside_an_input_folder_or_over_foreign_files(bundle_dir, tmp_path, capsys):
@@ -292,3 +295,96 @@ def test_export_refuses_the_cohort_folder_and_an_unfinished_run_with_a_flag_it_h
         assert main(["export", "--init", "scratch:0", "--data", str(tiny_cohort), "--profile", "smoke",
                      "--out", str(tmp_path / "m2"), "--name", "x"]) == 2
     assert "in use by a bundle export" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+
+
+def _forge(d, file, edit):
+    """A bundle a faulty or foreign exporter wrote: ``edit`` applied to a config, the integrity record renewed."""
+    from xcardia.bundle import write_integrity
+
+    path = d / "configs" / file
+    data = json.loads(path.read_text())
+    edit(data)  # in place
+    path.write_text(json.dumps(data))
+    write_integrity(d)
+
+
+def _forge_weights(d, change):
+    from safetensors.torch import load_file, save_file
+
+    from xcardia.bundle import write_integrity
+
+    path = d / "models" / "model.safetensors"
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+    write_integrity(d)
+
+
+def _forge_pickle(d):
+    """A pickle renamed model.safetensors, with a matching integrity record."""
+    from xcardia.bundle import write_integrity
+
+    torch.save({"w": torch.zeros(2)}, d / "models" / "model.safetensors")
+    write_integrity(d)
+
+
+def _first_task(section):
+    return lambda inf: inf[section][LABELS[0]]
+
+
+@pytest.mark.parametrize("forge, message", [
+    (lambda d: _forge(d, "inference.json", lambda i: _first_task("operating_points")(i)["sensitivity_90"].update(threshold=5.0)),
+     r"operating_points\.lvef_lte_45_flag\.sensitivity_90\.threshold = 5\.0 is not in \[0, 1\]"),
+    (lambda d: _forge(d, "inference.json", lambda i: _first_task("operating_points")(i)["specificity_90"].update(threshold=-1)),
+     r"threshold = -1 is not in \[0, 1\]"),
+    (lambda d: _forge(d, "inference.json", lambda i: _first_task("calibration")(i).update(method="beta")),
+     r"calibration\.lvef_lte_45_flag\.method = 'beta' is not none, platt or isotonic"),
+    (lambda d: _forge(d, "inference.json", lambda i: _first_task("calibration")(i).update(
+        method="platt", platt={"a": float("nan"), "b": 0.0})), r"platt\.a = nan is not finite"),
+    (lambda d: _forge(d, "inference.json", lambda i: _first_task("calibration")(i).update(
+        method="platt", platt={"a": "1.0", "b": 0.0})), r"platt\.a = '1\.0' is not a number"),
+    (lambda d: _forge(d, "inference.json", lambda i: _first_task("calibration")(i).update(
+        method="isotonic", isotonic={"x": [0.1, 0.5], "y": [0.2]})), r"isotonic needs x and y lists of the same"),
+    (lambda d: _forge(d, "inference.json", lambda i: i["preprocessing"].update(shape=[64, 64, 64])),
+     r"preprocessing\.shape = \[64, 64, 64\] differs from the network's declared input"),
+    (lambda d: _forge(d, "inference.json", lambda i: i["preprocessing"].update(spacing_mm=0)),
+     r"preprocessing\.spacing_mm = 0 is not in"),
+    (lambda d: _forge(d, "inference.json", lambda i: i["network_def"].update(_target_="os.system")),
+     r"network_def\._target_ = 'os\.system' is not xcardia\.bundle\.ScreeningNetwork"),
+    (lambda d: _forge(d, "inference.json", lambda i: i.pop("qc")), r"inference\.json: qc is missing"),
+    (lambda d: _forge(d, "inference.json", lambda i: i.update(extra=1)), r"extra is not a key this xcardia writes"),
+    (lambda d: _forge(d, "metadata.json", lambda m: m.pop("trained_on")), r"metadata\.json: trained_on is missing"),
+    (lambda d: _forge_weights(d, lambda s: s.update({k: v.to(torch.int64) for k, v in
+                                                     [kv for kv in s.items() if kv[1].is_floating_point()][:1]})),
+     r"model\.safetensors: .* is torch\.int64"),
+    (lambda d: _forge_pickle(d),
+     r"models/model\.safetensors is not a safetensors file"),
+])
+def test_a_bundle_with_bad_values_is_refused_in_one_line_naming_file_and_key(bundle_dir, tmp_path, forge, message):
+    """Issue 32.3: an intact integrity record cannot vouch for values a faulty exporter wrote; each violation is one
+    line naming the file and the key, before any number is computed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    forge(copy)
+    with pytest.raises(XcardiaError, match=message) as caught:
+        load_bundle(copy)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda img: img.set_sform(np.diag([4.0, 4.0, 5.0, 1.0]), code=1), "qform and sform disagree"),
+    (lambda img: img.header["pixdim"].__setitem__(2, 0.0), "zero or negative entry"),
+])
+def test_a_nifti_with_ambiguous_geometry_is_listed_with_a_geometry_reason_not_scored(bundle_dir, tmp_path, damage, message):
+    """Issue 32.4: a qform/sform disagreement moved the risk silently; a zero pixdim read as "no lungs"."""
+    folder = _chest_folder(tmp_path, ["good", "bad"])
+    img = nib.load(str(folder / "bad.nii.gz"))
+    img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+    img.set_qform(img.affine, code=1)
+    damage(img)
+    nib.save(img, str(folder / "bad.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(out), "--no-report"]) == 0
+    rows = pd.read_csv(out / "predictions.csv").set_index("patient_id")
+    assert rows.loc["good", "qc"] == "passed"
+    assert rows.loc["bad", "qc"] == "failed" and message in rows.loc["bad", "qc_reason"]

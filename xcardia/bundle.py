@@ -473,6 +473,128 @@ def _with_interval(row: dict, key: str, low: str, high: str, digits: int = 2) ->
     return f"{value} [{_fmt(row[low], digits)}, {_fmt(row[high], digits)}]"
 
 
+INFERENCE_KEYS = {"imports", "bundle_root", "preprocessing", "network_def", "calibration", "operating_points", "nw_bank",
+                  "qc"}
+OPERATING_POINTS = ("sensitivity_90", "specificity_90")
+
+
+def validate_bundle_configs(root: Path, metadata: dict, inference: dict, state: dict | None = None) -> None:
+    """Check ``configs/metadata.json`` and ``configs/inference.json`` (and the weights' dtypes and shapes) against
+    what this xcardia writes, before any number is computed from them. Every violation is one line naming the file
+    and the key, e.g. ``configs/inference.json: operating_points.shd_flag.sensitivity_90.threshold = 5.0 is not in
+    [0, 1]``. An intact record cannot vouch for a bundle that a faulty or foreign exporter wrote with bad values.
+
+    Raises:
+        XcardiaError: the first violation found.
+    """
+    meta_file, inf_file = "configs/metadata.json", "configs/inference.json"
+
+    def fail(file: str, key: str, what: str):
+        raise XcardiaError(f"--model {root}: {file}: {key} {what}; re-export the bundle")
+
+    def number(file, key, value, low=-math.inf, high=math.inf, *, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(file, key, f"= {value!r} is not a number")
+        if not math.isfinite(float(value)):
+            fail(file, key, f"= {value!r} is not finite")
+        if not low <= float(value) <= high:
+            fail(file, key, f"= {value!r} is not in [{low:g}, {high:g}]")
+
+    if not isinstance(metadata, dict):
+        fail(meta_file, "the file", "is not a JSON object")
+    for key in ("name", "trained_on", "tasks"):
+        if key not in metadata:
+            fail(meta_file, key, "is missing")
+    if not isinstance(metadata["trained_on"], dict) or not isinstance(metadata["trained_on"].get("synthetic"), bool):
+        fail(meta_file, "trained_on.synthetic", "must be true or false")
+    if list(metadata["tasks"]) != list(LABELS):
+        fail(meta_file, "tasks", f"are not the ten tasks this xcardia scores ({', '.join(LABELS)})")
+    if not isinstance(inference, dict):
+        fail(inf_file, "the file", "is not a JSON object")
+    for key in sorted(INFERENCE_KEYS - set(inference)):
+        fail(inf_file, key, "is missing")
+    for key in sorted(set(inference) - INFERENCE_KEYS):
+        fail(inf_file, key, "is not a key this xcardia writes")
+    pre = inference["preprocessing"]
+    from dataclasses import fields
+
+    from xcardia.data.imaging import PreprocessSpec
+
+    names = {f.name for f in fields(PreprocessSpec)}
+    if not isinstance(pre, dict) or set(pre) != names:
+        fail(inf_file, "preprocessing", f"must have exactly the keys {', '.join(sorted(names))}")
+    shape = pre["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v >= 16 for v in shape)):
+        fail(inf_file, "preprocessing.shape", f"= {shape!r} is not three voxel counts ≥ 16")
+    number(inf_file, "preprocessing.spacing_mm", pre["spacing_mm"], 1e-3, 100.0)
+    window = pre["hu_window"]
+    if not (isinstance(window, list) and len(window) == 2):
+        fail(inf_file, "preprocessing.hu_window", f"= {window!r} is not [low, high]")
+    for k, v in enumerate(window):
+        number(inf_file, f"preprocessing.hu_window[{k}]", v, -2000.0, 4000.0)
+    if window[0] >= window[1]:
+        fail(inf_file, "preprocessing.hu_window", f"= {window!r} is not increasing")
+    declared = (((metadata.get("network_data_format") or {}).get("inputs") or {}).get("image") or {}).get("spatial_shape")
+    if declared != shape:
+        fail(inf_file, "preprocessing.shape", f"= {shape} differs from the network's declared input "
+             f"{declared} (configs/metadata.json network_data_format.inputs.image.spatial_shape)")
+    net = inference["network_def"]
+    if not isinstance(net, dict) or net.get("_target_") != "xcardia.bundle.ScreeningNetwork":
+        fail(inf_file, "network_def._target_", f"= {net.get('_target_') if isinstance(net, dict) else net!r} is not "
+             f"xcardia.bundle.ScreeningNetwork, the network this xcardia builds")
+    if net.get("n_tasks") != len(LABELS) or not isinstance(net.get("encoder_spec"), dict):
+        fail(inf_file, "network_def", f"must have n_tasks = {len(LABELS)} and an encoder_spec object")
+    for section in ("calibration", "operating_points"):
+        if not isinstance(inference[section], dict):
+            fail(inf_file, section, "is not an object")
+        for task in LABELS:
+            if task not in inference[section]:
+                fail(inf_file, f"{section}.{task}", "is missing (every task needs one)")
+    for task in LABELS:
+        cal, key = inference["calibration"][task], f"calibration.{task}"
+        method = cal.get("method") if isinstance(cal, dict) else None
+        if method not in ("none", "platt", "isotonic"):
+            fail(inf_file, f"{key}.method", f"= {method!r} is not none, platt or isotonic")
+        if method == "platt":
+            for coefficient in ("a", "b"):
+                number(inf_file, f"{key}.platt.{coefficient}", (cal.get("platt") or {}).get(coefficient))
+        if method == "isotonic":
+            xs, ys = (cal.get("isotonic") or {}).get("x"), (cal.get("isotonic") or {}).get("y")
+            if not (isinstance(xs, list) and isinstance(ys, list) and len(xs) == len(ys) and len(xs) >= 1):
+                fail(inf_file, f"{key}.isotonic", "needs x and y lists of the same, non-zero length")
+            for axis, values in (("x", xs), ("y", ys)):
+                for k, v in enumerate(values):
+                    number(inf_file, f"{key}.isotonic.{axis}[{k}]", v, 0.0, 1.0)
+                if any(b < a for a, b in zip(values, values[1:])):
+                    fail(inf_file, f"{key}.isotonic.{axis}", "is not monotone (non-decreasing)")
+        points = inference["operating_points"][task]
+        for point in OPERATING_POINTS:
+            entry = points.get(point) if isinstance(points, dict) else None
+            if not isinstance(entry, dict):
+                fail(inf_file, f"operating_points.{task}.{point}", "is missing")
+            for field in ("threshold", "sensitivity", "specificity"):
+                number(inf_file, f"operating_points.{task}.{point}.{field}", entry.get(field), 0.0, 1.0,
+                       allow_none=True)
+    bank = inference["nw_bank"]
+    if bank is not None:
+        if not isinstance(bank, dict):
+            fail(inf_file, "nw_bank", "is neither null nor an object")
+        number(inf_file, "nw_bank.temperature", bank.get("temperature"), 1e-6, 1e6)
+        if not isinstance(bank.get("proj_dim"), int) or not isinstance(bank.get("support_ids"), list):
+            fail(inf_file, "nw_bank", "needs an integer proj_dim and a support_ids list")
+    fail_on = (inference["qc"] or {}).get("fail_on") if isinstance(inference["qc"], dict) else None
+    if not (isinstance(fail_on, list) and all(isinstance(v, str) for v in fail_on)):
+        fail(inf_file, "qc.fail_on", "must be a list of QC finding names")
+    if state is not None:
+        reference = ScreeningNetwork(net["encoder_spec"], len(LABELS)).state_dict()
+        for name, tensor in state.items():
+            if name in reference and (tensor.dtype != reference[name].dtype or tuple(tensor.shape) != tuple(reference[name].shape)):
+                fail("models/model.safetensors", name, f"is {tensor.dtype} {tuple(tensor.shape)}, the network "
+                     f"declares {reference[name].dtype} {tuple(reference[name].shape)}")
+
+
 def shifted_scanner_check(manifest, rows, network, calibration: dict, preprocess, risk_original: np.ndarray,
                           folder, n_boot: int = 200, seed: int = 0) -> dict | None:
     """The model card's shifted-scanner check (:data:`xcardia.subgroups.SHIFT`): the test patients at ``rows``
@@ -601,9 +723,16 @@ def load_bundle(model_dir: str | os.PathLike) -> dict:
         inference = json.loads((root / "configs" / "inference.json").read_text())
     except (OSError, ValueError) as exc:
         raise XcardiaError(f"--model {root}: unreadable bundle configuration ({exc}); re-export the bundle") from None
+    validate_bundle_configs(root, metadata, inference)
+    try:
+        state = load_file(str(root / "models" / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - e.g. a pickle renamed .safetensors
+        raise XcardiaError(f"--model {root}: models/model.safetensors is not a safetensors file "
+                           f"({type(exc).__name__}); re-export the bundle") from None
+    validate_bundle_configs(root, metadata, inference, state)
     try:
         network = ScreeningNetwork(inference["network_def"]["encoder_spec"], int(inference["network_def"]["n_tasks"]))
-        network.load_state_dict(load_file(str(root / "models" / "model.safetensors")), strict=True)
+        network.load_state_dict(state, strict=True)
         bank = None
         if inference.get("nw_bank"):
             tensors = load_file(str(root / "models" / "support_bank.safetensors"))
@@ -615,7 +744,8 @@ def load_bundle(model_dir: str | os.PathLike) -> dict:
     except XcardiaError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise XcardiaError(f"--model {root}: cannot load the weights ({type(exc).__name__}: {exc}); re-export "
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise XcardiaError(f"--model {root}: cannot load the weights ({type(exc).__name__}: {first}); re-export "
                            f"the bundle") from None
     pre = dict(inference["preprocessing"])
     for key in ("shape", "hu_window"):

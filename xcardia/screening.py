@@ -82,6 +82,16 @@ def _is_dicom_folder(folder: Path) -> bool:
     return bool(files) and any(f.suffix.lower() in (".dcm", "") for f in files)
 
 
+def skipped_entries(data: str | os.PathLike) -> list[str]:
+    """The entries of a screening folder that are neither a NIfTI file nor a DICOM series folder (listed in
+    ``screen.json`` and the log, so the counts add up); empty for a manifest."""
+    p = Path(data)
+    if not p.is_dir() or (p / "manifest.csv").is_file():
+        return []
+    return [e.name for e in sorted(p.iterdir())
+            if not ((e.is_file() and e.name.lower().endswith(NIFTI_SUFFIXES)) or (e.is_dir() and _is_dicom_folder(e)))]
+
+
 def screening_inputs(data: str | os.PathLike) -> list[ScreeningInput]:
     """The CTs to screen: a manifest (``patient_id``, ``ct_path``, optional ``heart_mask_path``; labels are not
     needed and not read), a folder holding ``manifest.csv``, or a folder of NIfTI files and DICOM series folders
@@ -303,10 +313,15 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
                 for x in inputs]
         frame = pd.DataFrame(rows)
         write_text_atomic(out / "predictions.csv", frame.to_csv(index=False))
+        skipped = skipped_entries(data)
         counts = {"inputs": len(inputs), "scored": int((frame["qc"] == "passed").sum()),
                   "failed_qc": int((frame["qc"] == "failed").sum()), "resumed": len(inputs) - len(todo),
-                  "rescored_changed": len(changed)}
+                  "rescored_changed": len(changed), "skipped_not_an_image": len(skipped)}
         record["counts"] = counts
+        record["skipped_not_an_image"] = skipped
+        if skipped:
+            log(f"[screen] {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} of the folder skipped, not a NIfTI "
+                f"file or DICOM series folder: {', '.join(skipped[:5])}")
         performance = labelled_performance(Path(data), frame, bundle)
         if performance is not None:
             record["performance_by_subgroup"] = performance

@@ -82,6 +82,33 @@ def _kind(path: Path) -> str:
     raise XcardiaError(f"{path}: unknown image format; use a NIfTI file (.nii/.nii.gz), a DICOM series folder or .npy")
 
 
+def nifti_geometry_problem(path: Path, img) -> None:
+    """Refuse a NIfTI whose geometry is ambiguous or impossible: a voxel size of zero or below in the header, or a
+    qform and an sform that both claim validity and disagree (readers differ on which to use, so the same file could
+    be resampled two ways — its risk would depend on the reader).
+
+    Raises:
+        XcardiaError: naming the file and what to fix.
+    """
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as handle:  # the header as written: nibabel's checks replace a 0 pixdim by 1 on load
+        raw = type(img.header).from_fileobj(handle, check=False)
+    zooms = [float(z) for z in raw["pixdim"][1:4]]
+    if any(not z > 0 for z in zooms):
+        raise XcardiaError(f"{path}: the header's voxel size {tuple(zooms)} has a zero or negative entry (pixdim); "
+                           f"fix the header's pixdim — the spacing cannot be guessed")
+    header = img.header
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode > 0 and scode > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        if not np.allclose(qform, sform, atol=1e-3):
+            worst = float(np.abs(qform - sform).max())
+            raise XcardiaError(f"{path}: the header's qform and sform disagree (up to {worst:.3g} mm); readers differ on "
+                               f"which to use — rewrite the file with one orientation (e.g. set the sform from the "
+                               f"qform) and screen it again")
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """Cheap readability check: the shape and spacing from the header only (no voxel data).
 
@@ -104,6 +131,7 @@ def read_header(path: str | os.PathLike) -> dict:
 
             img = nib.load(str(p))
             shape, zooms = img.shape, img.header.get_zooms()
+            nifti_geometry_problem(p, img)
         elif kind == "npy":
             arr = np.load(p, mmap_mode="r")
             shape, zooms = arr.shape, ()
