@@ -388,3 +388,27 @@ def test_a_nifti_with_ambiguous_geometry_is_listed_with_a_geometry_reason_not_sc
     rows = pd.read_csv(out / "predictions.csv").set_index("patient_id")
     assert rows.loc["good", "qc"] == "passed"
     assert rows.loc["bad", "qc"] == "failed" and message in rows.loc["bad", "qc_reason"]
+
+
+def test_three_shards_in_parallel_give_the_same_table_as_one_run(bundle_dir, tmp_path):
+    """Issue 32.6: N array jobs fill one --out safely; the last to finish writes predictions.csv, identical to an
+    unsharded run's; --merge rebuilds it from the records."""
+    import subprocess
+    import sys
+
+    folder = _chest_folder(tmp_path, [f"p{k}" for k in range(6)])
+    single = tmp_path / "single"
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(single), "--no-report"]) == 0
+    sharded = tmp_path / "sharded"
+    jobs = [subprocess.Popen([sys.executable, "-m", "xcardia", "screen", "--model", str(bundle_dir), "--data", str(folder),
+                              "--out", str(sharded), "--no-report", "--shard", f"{k}/3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (1, 2, 3)]
+    results = [job.communicate(timeout=600) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [r[1][-500:] for r in results]
+    a = pd.read_csv(single / "predictions.csv")
+    b = pd.read_csv(sharded / "predictions.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert json.loads((sharded / "screen.json").read_text())["status"] == "complete"
+    (sharded / "predictions.csv").unlink()
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(sharded), "--merge"]) == 0
+    pd.testing.assert_frame_equal(a, pd.read_csv(sharded / "predictions.csv"))

@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--workers", type=_workers, default=0, help="loader processes (capped at the CPU count)")
     sc.add_argument("--force", action="store_true", help="screen again patients already written")
     sc.add_argument("--no-report", action="store_true", help="skip the per-patient PNG reports")
+    sc.add_argument("--shard", type=_shard, metavar="K/N",
+                    help="screen only shard K of N (a scheduler array job); the last shard to finish writes the table")
+    sc.add_argument("--merge", action="store_true",
+                    help="screen nothing: rebuild predictions.csv and screen.json from the patients' records")
 
     b = sub.add_parser("bench", help="benchmarks: ratios against baselines measured in the same run")
     b.add_argument("--quick", action="store_true", help="smaller sizes (under 3 minutes on 2 cores)")
@@ -403,10 +407,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r}: write K/N with 1 ≤ K ≤ N, e.g. 3/10 (Slurm: "
+                                         f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(k), int(n)
+
+
 def _cmd_screen(args) -> int:
     from xcardia.screening import screen
 
-    screen(args.model, args.data, args.out, workers=args.workers, force=args.force, reports=not args.no_report)
+    screen(args.model, args.data, args.out, workers=args.workers, force=args.force, reports=not args.no_report,
+           shard=args.shard, merge_only=args.merge)
     return 0
 
 

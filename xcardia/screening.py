@@ -149,7 +149,7 @@ def _refuse_output_folder(out: Path, inputs: list[ScreeningInput], data: Path, m
         raise XcardiaError(f"--out {out} is a file; give a folder (nothing was written)")
     from xcardia.run_folder import LOCK_NAME
 
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / MARKER).exists():
+    if out.is_dir() and any(p.name not in (LOCK_NAME, "shards") for p in out.iterdir()) and not (out / MARKER).exists():
         raise XcardiaError(f"--out {out} is a non-empty folder that is not a screening output; give a new or empty "
                            f"folder (nothing was written)")
 
@@ -245,9 +245,25 @@ def occlusion_map(network, volume: np.ndarray, task_index: int, mask_size: int =
     return (original - occluded[0, 0]).numpy()
 
 
+def shard_of(patient_id: str, n: int) -> int:
+    """The shard (1…n) a patient belongs to: a hash of its id, so the split depends neither on the order of the
+    inputs nor on which other patients are in them (array jobs that list the same folder agree)."""
+    import hashlib
+
+    return int(hashlib.sha256(patient_id.encode()).hexdigest(), 16) % n + 1
+
+
 def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, workers: int = 0,
-           force: bool = False, reports: bool = True, batch_size: int = 8, progress: bool = True, log=print) -> Path:
+           force: bool = False, reports: bool = True, batch_size: int = 8, progress: bool = True, log=print,
+           shard: tuple[int, int] | None = None, merge_only: bool = False) -> Path:
     """Screen every CT of ``data`` with the bundle in ``model_dir``; write ``out_dir`` (see the module docstring).
+
+    Args:
+        shard: ``(k, n)``: screen only the patients of shard k of n (:func:`shard_of`) — n scheduler array jobs fill
+            one ``out_dir`` safely, each under its own lock; whichever finds every patient's record in place (the
+            last to finish) rebuilds ``predictions.csv`` and ``screen.json``.
+        merge_only: screen nothing; rebuild ``predictions.csv`` and ``screen.json`` from the records (refused while
+            a patient has no record matching this bundle and scan).
 
     Returns:
         ``out_dir``.
@@ -269,53 +285,66 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
         "bundle": {"name": meta["name"], "root": str(bundle["root"]), "format_version": meta["format_version"],
                    "synthetic": meta["trained_on"]["synthetic"], "sha256": bundle["digest"]},
         "xcardia_version": __version__, "torch_version": torch.__version__, "data": str(Path(data).resolve())}
+    key = {"bundle_sha256": bundle["digest"], "preprocessing": to_jsonable(asdict(spec))}
     _refuse_output_folder(out, inputs, Path(data), Path(model_dir))  # before anything is written
-    with RunLock(out, "screening"):  # a second screen of this folder is told which process holds it
+    mine = [x for x in inputs if shard is None or shard_of(x.patient_id, shard[1]) == shard[0]]
+    lock = RunLock(out if shard is None else out / "shards" / f"{shard[0]}-of-{shard[1]}",
+                   "screening" if shard is None else f"screening shard {shard[0]}/{shard[1]}")
+    with lock:  # a second screen of this folder (or shard) is told which process holds it
         _refuse_other_bundle(out, bundle)
-        # the marker before the first patient: an interrupted screen leaves a folder the same command resumes
-        write_text_atomic(out / MARKER, json.dumps(to_jsonable({**record, "status": "running"}), indent=1) + "\n")
-        (out / "patients").mkdir(exist_ok=True)
-        if reports:
-            (out / "report").mkdir(exist_ok=True)
-        key = {"bundle_sha256": bundle["digest"], "preprocessing": to_jsonable(asdict(spec))}
         fingerprints = {x.patient_id: ct_fingerprint(x.ct_path) for x in inputs}
         todo, changed = [], []
-        for x in inputs:
-            path = out / "patients" / f"{_safe_id(x.patient_id)}.json"
-            previous = _read_record(path)
-            if force or previous is None:
-                todo.append(x)
-            elif previous.get("key") != {**key, "ct_sha256": fingerprints[x.patient_id]}:
-                todo.append(x)
-                changed.append(x.patient_id)
-        log(f"[screen] {len(inputs)} CT(s), {len(inputs) - len(todo)} already screened with this bundle and these "
-            f"scans (reused; --force redoes them)"
-            + (f"; {len(changed)} changed since (rescored): {', '.join(changed[:5])}" if changed else ""))
-        loader = torch.utils.data.DataLoader(_Prepared(todo, spec, fail_on), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=list)
-        for batch in tqdm(loader, desc="screening", disable=not progress, total=len(loader)):
-            for item in batch:
-                row = {"patient_id": item["input"].patient_id, "ct_path": str(item["input"].ct_path)}
-                if item["reason"] is not None:
-                    row.update(qc="failed", qc_reason=item["reason"])
-                else:
-                    row.update(qc="passed", qc_reason="", **score(bundle, item["volume"]))
-                    if not all(np.isfinite(row[f"risk_{t}"]) for t in LABELS):  # never "not flagged" by a NaN
-                        row = {"patient_id": row["patient_id"], "ct_path": row["ct_path"], "qc": "failed",
-                               "qc_reason": "the bundle gave a non-finite risk for this CT (check the bundle)"}
-                    elif reports:
-                        _report(bundle, item, row, out / "report" / f"{_safe_id(row['patient_id'])}.png")
-                write_text_atomic(out / "patients" / f"{_safe_id(row['patient_id'])}.json",
-                                  json.dumps(to_jsonable({**row, "key": {**key, "ct_sha256": fingerprints[row["patient_id"]]}}),
-                                             indent=1) + "\n")
+        if not merge_only:
+            if not (out / MARKER).exists() or shard is None:
+                # the marker before the first patient: an interrupted screen leaves a folder the same command resumes
+                write_text_atomic(out / MARKER, json.dumps(to_jsonable({**record, "status": "running"}), indent=1) + "\n")
+            (out / "patients").mkdir(exist_ok=True)
+            if reports:
+                (out / "report").mkdir(exist_ok=True)
+            for x in mine:
+                previous = _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json")
+                if force or previous is None:
+                    todo.append(x)
+                elif previous.get("key") != {**key, "ct_sha256": fingerprints[x.patient_id]}:
+                    todo.append(x)
+                    changed.append(x.patient_id)
+            log(f"[screen] {len(mine)} CT(s){f' in shard {shard[0]}/{shard[1]}' if shard else ''}, "
+                f"{len(mine) - len(todo)} already screened with this bundle and these scans (reused; --force redoes "
+                f"them)" + (f"; {len(changed)} changed since (rescored): {', '.join(changed[:5])}" if changed else ""))
+            loader = torch.utils.data.DataLoader(_Prepared(todo, spec, fail_on), batch_size=batch_size,
+                                                 num_workers=workers, collate_fn=list)
+            for batch in tqdm(loader, desc="screening", disable=not progress, total=len(loader)):
+                for item in batch:
+                    row = {"patient_id": item["input"].patient_id, "ct_path": str(item["input"].ct_path)}
+                    if item["reason"] is not None:
+                        row.update(qc="failed", qc_reason=item["reason"])
+                    else:
+                        row.update(qc="passed", qc_reason="", **score(bundle, item["volume"]))
+                        if not all(np.isfinite(row[f"risk_{t}"]) for t in LABELS):  # never "not flagged" by a NaN
+                            row = {"patient_id": row["patient_id"], "ct_path": row["ct_path"], "qc": "failed",
+                                   "qc_reason": "the bundle gave a non-finite risk for this CT (check the bundle)"}
+                        elif reports:
+                            _report(bundle, item, row, out / "report" / f"{_safe_id(row['patient_id'])}.png")
+                    write_text_atomic(out / "patients" / f"{_safe_id(row['patient_id'])}.json",
+                                      json.dumps(to_jsonable({**row, "key": {**key, "ct_sha256": fingerprints[row["patient_id"]]}}),
+                                                 indent=1) + "\n")
+    with RunLock(out / "shards" / "merge", "screening merge"):
+        records = {x.patient_id: _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json") for x in inputs}
+        missing = [pid for pid, r in records.items()
+                   if r is None or r.get("key") != {**key, "ct_sha256": fingerprints[pid]}]
+        if missing:
+            if merge_only:
+                raise XcardiaError(f"--out {out}: {len(missing)} patient(s) not screened yet with this bundle and "
+                                   f"these scans (e.g. {missing[0]}); run the missing shards first")
+            log(f"[screen] shard {shard[0]}/{shard[1]} done; {len(missing)} patient(s) wait for other shards — the "
+                f"last shard to finish (or `screen --merge`) writes predictions.csv")
+            return out
         # the table is rebuilt from the records, never appended to
-        rows = [{k: v for k, v in _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json").items() if k != "key"}
-                for x in inputs]
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame([{k: v for k, v in records[x.patient_id].items() if k != "key"} for x in inputs])
         write_text_atomic(out / "predictions.csv", frame.to_csv(index=False))
         skipped = skipped_entries(data)
         counts = {"inputs": len(inputs), "scored": int((frame["qc"] == "passed").sum()),
-                  "failed_qc": int((frame["qc"] == "failed").sum()), "resumed": len(inputs) - len(todo),
+                  "failed_qc": int((frame["qc"] == "failed").sum()), "resumed": len(mine) - len(todo),
                   "rescored_changed": len(changed), "skipped_not_an_image": len(skipped)}
         record["counts"] = counts
         record["skipped_not_an_image"] = skipped
