@@ -19,7 +19,12 @@ check that ``bench --scale tiny`` runs.
    ten calibrated risks) at the ``cpu`` profile's size, first pass (cold) and second pass (files in the OS cache);
 10. the paired seed-aware interval, draw counts against per-resample ranking (``bootstrap``);
 11. levers of the ``cpu`` run time (``levers``): one thread vs all, a cached frozen-trunk encoding vs computing it,
-    AdamW ``foreach`` vs single-tensor on k-shot runs (identity of results checked for the last two).
+    AdamW ``foreach`` vs single-tensor on k-shot runs (identity of results checked for the last two);
+12. screening at the ``paper`` profile (``screening_paper``, issue 32.6): seconds per CT of a realistic series
+    (512 × 512 × 300 int16 at 0.7 × 0.7 × 1 mm; the tiny scale a small one), NIfTI and a DICOM series, split into
+    its stages — read, series QC, resample and crop to 164³ at 2 mm, ResNet-50 forward — so a job's size can be
+    stated in CTs per hour per core (the ``screening`` benchmark's CTs per second are for 32³ synthetic volumes that
+    need no resampling).
 """
 
 from __future__ import annotations
@@ -438,6 +443,93 @@ def bench_screening(scale: Scale, workdir: Path) -> dict:
     return {"cts": n, "cold_cts_per_s": n / cold, "warm_cts_per_s": n / warm}
 
 
+def _chest_series(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """A chest-like int16 HU volume (X, Y, Z): air, a body ellipse of soft tissue, two lungs, a heart, a spine —
+    enough for the series QC of a real chest CT; its content does not change the timings."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    plane = np.full(shape[:2], -1000, np.int16)
+    plane[(x / 0.9) ** 2 + (y / 0.65) ** 2 < 1] = 40
+    for cx in (-0.4, 0.4):
+        plane[((x - cx) / 0.3) ** 2 + (y / 0.45) ** 2 < 1] = -850
+    plane[((x + 0.05) / 0.2) ** 2 + ((y + 0.1) / 0.2) ** 2 < 1] = 45
+    plane[(x / 0.08) ** 2 + ((y - 0.5) / 0.08) ** 2 < 1] = 700
+    rng = np.random.default_rng(0)
+    volume = np.repeat(plane[:, :, None], shape[2], axis=2)
+    return (volume + rng.normal(0, 15, shape)).astype(np.int16)
+
+
+def bench_screening_paper(scale: Scale, workdir: Path) -> dict:
+    """Seconds per CT through screening at the ``paper`` profile's preprocessing (164³ at 2 mm) and encoder
+    (ResNet-50), for a NIfTI file and a DICOM series of the same realistic size, stage by stage."""
+    import nibabel as nib
+
+    from xcardia.bundle import ScreeningNetwork
+    from xcardia.config import get_profile
+    from xcardia.data.imaging import load_ras, preprocess_ct
+    from xcardia.data.qc import series_qc
+
+    profile = get_profile("paper")
+    full = scale.name != "tiny"
+    shape, spacing = ((512, 512, 300), (0.7, 0.7, 1.0)) if full else ((96, 96, 60), (3.5, 3.5, 5.0))
+    volume = _chest_series(shape, spacing)
+    nifti = workdir / "chest.nii.gz"
+    image = nib.Nifti1Image(volume, np.diag([*spacing, 1.0]))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    nib.save(image, str(nifti))
+    dicom = workdir / "series"
+    _write_dicom(dicom, volume, spacing)
+    network = ScreeningNetwork(profile.model.image.to_dict()).eval()
+    spec = profile.preprocess
+    out = {"series_shape": list(shape), "series_spacing_mm": list(spacing), "target": f"{spec.shape[0]}³ at {spec.spacing_mm} mm",
+           "encoder": profile.model.image.arch}
+    for kind, path in (("nifti", nifti), ("dicom", dicom)):
+        t0 = time.perf_counter()
+        img = load_ras(path, spec)
+        t1 = time.perf_counter()
+        findings = series_qc(img.as_tensor().numpy()[0], tuple(float(abs(z)) for z in img.pixdim))
+        t2 = time.perf_counter()
+        prepared = preprocess_ct(path, spec, loaded=img)
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            network(torch.as_tensor(prepared)[None, None])
+        t4 = time.perf_counter()
+        stages = {"read_s": t1 - t0, "qc_s": t2 - t1, "resample_crop_s": t3 - t2, "forward_s": t4 - t3}
+        total = sum(stages.values())
+        out[kind] = {**stages, "total_s": total, "cts_per_hour": 3600.0 / total,
+                     "cts_per_hour_per_core": 3600.0 / total / torch.get_num_threads(),
+                     "dominant_stage": max(stages, key=stages.get), "qc_errors": [f[1] for f in findings if f[0] == "error"]}
+    return out
+
+
+def _write_dicom(folder: Path, volume: np.ndarray, spacing) -> None:
+    """An axial CT series (one file per slice, HU via RescaleSlope/Intercept) for the screening benchmark."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series = generate_uid()
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{k:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, series
+        ds.Modality, ds.PatientID, ds.StudyInstanceUID = "CT", "bench", series
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.PixelSpacing = [spacing[1], spacing[0]]
+        ds.SliceThickness = spacing[2]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * spacing[2])]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = k + 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T).astype(np.int16).tobytes()
+        ds.save_as(str(folder / f"{k:04d}.dcm"), enforce_file_format=True)
+
+
 def bench_bootstrap(scale: Scale) -> dict:
     """The paired seed-aware interval of notebooks 04/05 (3 seeds × 2 arms × runs × 10 tasks, 1,000 patient
     resamples, missing labels): the draw-count path of :mod:`xcardia.metrics` against the previous path, which ranked
@@ -563,6 +655,7 @@ BENCHMARKS = {
     "bootstrap": lambda s, d: bench_bootstrap(s),
     "levers": lambda s, d: bench_levers(s),
     "screening": bench_screening,
+    "screening_paper": bench_screening_paper,
     "precision": lambda s, d: bench_precision(s),
     "kshot_batching": lambda s, d: bench_kshot_batching(s),
     "finetune_cache": lambda s, d: bench_finetune_cache(s),

@@ -18,11 +18,14 @@ def test_bench_runs_at_a_tiny_size_and_writes_json(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["benchmarks"]) == {"generation", "preprocessing", "clip_loss", "nw_head", "engine", "cost_model",
                                            "finetune_cache", "precision", "kshot_batching", "screening",
-                                           "bootstrap", "levers"}
+                                           "bootstrap", "levers", "screening_paper"}
     precision = report["benchmarks"]["precision"]
     assert precision["encoder"]["speedup_bf16_channels_last_vs_fp32"] > 0 and "bf16_units" in precision
     assert report["benchmarks"]["kshot_batching"]["speedup_grouped_vs_loop"] > 0
     assert report["benchmarks"]["screening"]["cold_cts_per_s"] > 0
+    for kind in ("nifti", "dicom"):  # the paper profile's screening, stage by stage
+        stages = report["benchmarks"]["screening_paper"][kind]
+        assert stages["total_s"] > 0 and stages["dominant_stage"] in ("read_s", "qc_s", "resample_crop_s", "forward_s")
     assert report["benchmarks"]["bootstrap"]["identical_to_previous"] is True
     levers = report["benchmarks"]["levers"]
     assert levers["encode_read_identical"] is True and levers["kshot_foreach_identical"] is True
