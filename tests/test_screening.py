@@ -412,3 +412,16 @@ def test_three_shards_in_parallel_give_the_same_table_as_one_run(bundle_dir, tmp
     (sharded / "predictions.csv").unlink()
     assert main(["screen", "--model", str(bundle_dir), "--data", str(folder), "--out", str(sharded), "--merge"]) == 0
     pd.testing.assert_frame_equal(a, pd.read_csv(sharded / "predictions.csv"))
+
+
+def test_screen_refuses_to_write_inside_a_heart_mask_folder(bundle_dir, tmp_path, capsys):
+    """Issue 32.5: the README's "never inside an input folder" holds for the masks' folder too."""
+    folder = _chest_folder(tmp_path, ["a"])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    write_phantom_nifti(masks / "a_heart.nii.gz", (4.0, 4.0, 4.0), (70, 60, 90))
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"patient_id": ["a"], "ct_path": [str(folder / "a.nii.gz")],
+                  "heart_mask_path": [str(masks / "a_heart.nii.gz")]}).to_csv(manifest, index=False)
+    assert main(["screen", "--model", str(bundle_dir), "--data", str(manifest), "--out", str(masks / "out")]) == 2
+    assert "inside an input folder" in capsys.readouterr().err and not (masks / "out").exists()

@@ -141,6 +141,8 @@ def _refuse_output_folder(out: Path, inputs: list[ScreeningInput], data: Path, m
     folders = {model_dir.resolve()} | ({data.resolve()} if data.is_dir() and not (data / "manifest.csv").is_file() else set())
     for x in inputs:
         folders.add(x.ct_path.resolve() if x.ct_path.is_dir() else x.ct_path.resolve().parent)
+        if x.heart_mask_path is not None:  # a heart-mask folder is an input folder too
+            folders.add(x.heart_mask_path.resolve().parent)
     for folder in folders:
         if out_r == folder or folder in out_r.parents:
             raise XcardiaError(f"--out {out} is inside an input folder ({folder}); screening never writes among its "
