@@ -425,3 +425,21 @@ def test_screen_refuses_to_write_inside_a_heart_mask_folder(bundle_dir, tmp_path
                   "heart_mask_path": [str(masks / "a_heart.nii.gz")]}).to_csv(manifest, index=False)
     assert main(["screen", "--model", str(bundle_dir), "--data", str(manifest), "--out", str(masks / "out")]) == 2
     assert "inside an input folder" in capsys.readouterr().err and not (masks / "out").exists()
+
+
+def test_a_resumed_screen_reads_no_unchanged_ct_again_to_fingerprint_it(bundle_dir, tmp_path, monkeypatch):
+    """The content sha256 is recomputed only for a CT whose size or modification time changed since its record — a
+    resumed screen, or the last of N shards checking every patient, does not read the whole archive again."""
+    import xcardia.screening as screening
+
+    folder = _chest_folder(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "out"
+    screening.screen(bundle_dir, folder, out, reports=False, progress=False, log=lambda *_: None)
+    hashed, real = [], screening.ct_fingerprint
+    monkeypatch.setattr(screening, "ct_fingerprint", lambda path: hashed.append(path.name) or real(path))
+    screening.screen(bundle_dir, folder, out, reports=False, progress=False, log=lambda *_: None)
+    assert hashed == []
+    write_phantom_nifti(folder / "b.nii.gz", (4.0, 4.0, 4.0), (84, 70, 100))
+    screening.screen(bundle_dir, folder, out, reports=False, progress=False, log=lambda *_: None)
+    assert hashed == ["b.nii.gz"]
+    assert "ct_stat" not in pd.read_csv(out / "predictions.csv").columns

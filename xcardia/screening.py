@@ -8,7 +8,8 @@ supports, and a one-page report.
 
     <out>/predictions.csv        one row per patient: QC status and reason, ten risks, flags, concept estimates
     <out>/report/<patient>.png   the encoder's input with an occlusion map, risk bars against both thresholds, concepts
-    <out>/patients/<patient>.json  the same row and its key (bundle sha256, CT sha256, preprocessing), written last
+    <out>/patients/<patient>.json  the same row and its key (bundle sha256, CT sha256, preprocessing), written last;
+                                 the CT's size and modification time, so an unchanged CT is not read again to hash it
     <out>/screen.json            the bundle (name, sha256), versions, counts, status — the folder's marker, written
                                  before the first patient (``running``) and again at the end (``complete``)
 
@@ -59,6 +60,23 @@ def _safe_id(text: str) -> str:
     if out == text and 0 < len(out) <= 80:
         return out
     return f"{(out or 'patient')[:80]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def ct_stat(path: Path) -> list[int]:
+    """A cheap signature of a CT on disk — (files, total bytes, latest modification in ns) — that tells whether its
+    content sha256 must be computed again."""
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return [len(stats), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def known_fingerprint(path: Path, previous: dict | None) -> str:
+    """The CT's content sha256 (:func:`ct_fingerprint`), taken from its earlier record when the file (or DICOM
+    folder) has the same size and modification time — so a resumed screen or the last of N shards does not read a
+    whole archive again — and computed afresh otherwise (a scan re-exported under the same name is re-read)."""
+    if previous and previous.get("ct_stat") == ct_stat(path) and (previous.get("key") or {}).get("ct_sha256"):
+        return previous["key"]["ct_sha256"]
+    return ct_fingerprint(path)
 
 
 def ct_fingerprint(path: Path) -> str:
@@ -294,7 +312,10 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
                    "screening" if shard is None else f"screening shard {shard[0]}/{shard[1]}")
     with lock:  # a second screen of this folder (or shard) is told which process holds it
         _refuse_other_bundle(out, bundle)
-        fingerprints = {x.patient_id: ct_fingerprint(x.ct_path) for x in inputs}
+        def record_of(x):
+            return _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json")
+
+        fingerprints = {x.patient_id: known_fingerprint(x.ct_path, record_of(x)) for x in mine}
         todo, changed = [], []
         if not merge_only:
             if not (out / MARKER).exists() or shard is None:
@@ -304,7 +325,7 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
             if reports:
                 (out / "report").mkdir(exist_ok=True)
             for x in mine:
-                previous = _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json")
+                previous = record_of(x)
                 if force or previous is None:
                     todo.append(x)
                 elif previous.get("key") != {**key, "ct_sha256": fingerprints[x.patient_id]}:
@@ -328,10 +349,14 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
                         elif reports:
                             _report(bundle, item, row, out / "report" / f"{_safe_id(row['patient_id'])}.png")
                     write_text_atomic(out / "patients" / f"{_safe_id(row['patient_id'])}.json",
-                                      json.dumps(to_jsonable({**row, "key": {**key, "ct_sha256": fingerprints[row["patient_id"]]}}),
+                                      json.dumps(to_jsonable({**row, "key": {**key, "ct_sha256": fingerprints[row["patient_id"]]},
+                                                              "ct_stat": ct_stat(item["input"].ct_path)}),
                                                  indent=1) + "\n")
     with RunLock(out / "shards" / "merge", "screening merge"):
-        records = {x.patient_id: _read_record(out / "patients" / f"{_safe_id(x.patient_id)}.json") for x in inputs}
+        records = {x.patient_id: record_of(x) for x in inputs}
+        for x in inputs:  # the other shards' patients: their sha256 is re-read only where the file changed since
+            if x.patient_id not in fingerprints:
+                fingerprints[x.patient_id] = known_fingerprint(x.ct_path, records[x.patient_id])
         missing = [pid for pid, r in records.items()
                    if r is None or r.get("key") != {**key, "ct_sha256": fingerprints[pid]}]
         if missing:
@@ -342,7 +367,8 @@ def screen(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str |
                 f"last shard to finish (or `screen --merge`) writes predictions.csv")
             return out
         # the table is rebuilt from the records, never appended to
-        frame = pd.DataFrame([{k: v for k, v in records[x.patient_id].items() if k != "key"} for x in inputs])
+        frame = pd.DataFrame([{k: v for k, v in records[x.patient_id].items() if k not in ("key", "ct_stat")}
+                              for x in inputs])
         write_text_atomic(out / "predictions.csv", frame.to_csv(index=False))
         skipped = skipped_entries(data)
         counts = {"inputs": len(inputs), "scored": int((frame["qc"] == "passed").sum()),
