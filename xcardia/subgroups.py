@@ -125,7 +125,8 @@ def subgroup_table(table: pd.DataFrame, labels: np.ndarray, risk: np.ndarray, po
 
 def render_shifted_scans(manifest: pd.DataFrame, rows, out_dir: str | Path, shift: dict = SHIFT) -> Path:
     """Re-render the synthetic patients at ``rows`` of ``manifest`` with the shifted scanner and write them, with a
-    label-free ``manifest.csv`` (``patient_id``, ``ct_path``), into ``out_dir``. Same generator seed and patient, so
+    label-free ``manifest.csv`` (``patient_id``, absolute ``ct_path``), into a subfolder of ``out_dir`` named by the
+    cohort's spec, the generator version and the shift (so a scan is reused only when all three are the same). Same generator seed and patient, so
     anatomy, phase, position, lesions and labels are the originals'; only the noise level differs. Returns the
     manifest path.
 
@@ -138,11 +139,19 @@ def render_shifted_scans(manifest: pd.DataFrame, rows, out_dir: str | Path, shif
     from xcardia.cohort.render import render_ct
     from xcardia.errors import XcardiaError
 
+    import hashlib
+    import json
+
+    from xcardia.cohort.generate import GENERATOR_VERSION
+
     spec = synthetic_spec(manifest)
     if spec is None:
         raise XcardiaError("a shifted-scanner render needs the synthetic cohort (its patients can be re-rendered); "
                            "on a real cohort, screen scans from the other scanner instead")
-    out = Path(out_dir)
+    # a scan already rendered is reused only for the same cohort, generator and shift: the folder is named by them
+    key = hashlib.sha256(json.dumps([spec.to_json(), GENERATOR_VERSION, shift], sort_keys=True, default=str)
+                         .encode()).hexdigest()[:16]
+    out = Path(out_dir) / key
     (out / "ct").mkdir(parents=True, exist_ok=True)
     entries = []
     for r in rows:
@@ -155,7 +164,7 @@ def render_shifted_scans(manifest: pd.DataFrame, rows, out_dir: str | Path, shif
         path = out / "ct" / f"{pid}.nii.gz"
         if not path.exists():
             save_nifti(path, ct.hu, ct.affine)
-        entries.append({"patient_id": pid, "ct_path": f"ct/{pid}.nii.gz"})
+        entries.append({"patient_id": pid, "ct_path": str(path)})
     manifest_path = out / "manifest.csv"
     pd.DataFrame(entries).to_csv(manifest_path, index=False)
     return manifest_path
