@@ -191,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", help="comma-separated benchmark names")
     b.add_argument("--json", help="also write the results as JSON to this file")
 
+    rs = sub.add_parser("resolution", help="the resolution study (results/resolution/README.md): the cohort gate, "
+                                           "the pilot, every unit without a record, the tables — what is done is skipped")
+    rs.add_argument("--arm", choices=["32", "48", "64"], help="the arm to run (voxels per side); none: tables only")
+    rs.add_argument("--units", help="comma-separated units of the arm (default: all of them)")
+    rs.add_argument("--only", help="comma-separated steps: gate, pilot, units, tables (default: all)")
+    rs.add_argument("--reference", help="the 32³ arm only: the `reproduce --profile cpu` output folder whose cohort "
+                                        "and pretraining runs it evaluates (read-only)")
+    rs.add_argument("--work", help="folder for cohorts, runs and caches (default: outputs/resolution)")
+    rs.add_argument("--results", help="folder of the committed records and tables (default: results/resolution)")
+    rs.add_argument("--commit", action="store_true", help="git-commit each record (and the pilot) as it is written")
+
     r = sub.add_parser("reproduce", help="run every notebook through papermill")
     r.add_argument("--profile", choices=_profile_names(), default="cpu")
     r.add_argument("--out", help="output folder (default: outputs/<profile>)")
@@ -395,6 +406,20 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _cmd_resolution(args) -> int:
+    from xcardia.resolution import run_study
+
+    steps = ("gate", "pilot", "units", "tables")
+    only = tuple(s.strip() for s in args.only.split(",")) if args.only else steps
+    if set(only) - set(steps):
+        raise XcardiaError(f"--only: unknown step(s) {sorted(set(only) - set(steps))}; choose from {', '.join(steps)}")
+    if args.units and not args.arm:
+        raise XcardiaError("--units needs --arm (the units of which arm?)")
+    run_study(args.arm, args.units.split(",") if args.units else None, args.work, args.results, args.reference, only,
+              args.commit)
+    return 0
+
+
 def _cmd_export(args) -> int:
     from pathlib import Path
 
@@ -429,6 +454,7 @@ COMMANDS = {
     "screen": _cmd_screen,
     "validate": _cmd_validate,
     "pretrain": _cmd_pretrain,
+    "resolution": _cmd_resolution,
     "finetune": _cmd_evaluate,
     "fewshot": _cmd_evaluate,
     "bench": _cmd_bench,

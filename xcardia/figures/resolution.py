@@ -1,0 +1,83 @@
+"""Figures of the resolution study (:mod:`xcardia.resolution`): AUROC and concept R² against the grid."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xcardia.figures import method_colour
+from xcardia.reporting import in_method_order, method_rank
+
+#: The concepts the NW head guides toward whose R² the study follows (wall thickness first: the study's question).
+R2_CONCEPTS = ("IVSd", "LVPWd", "LVEF", "LV mass")
+
+
+def _arms(metrics: dict) -> list[str]:
+    return sorted(metrics["tables"], key=int)
+
+
+def plot_resolution_auroc(metrics: dict, protocol: str = "paper"):
+    """Macro AUROC (selected encoders, mean over pretraining seeds, 95 % interval) against the grid per method: 5
+    shots (the primary setting) and all labels side by side."""
+    import matplotlib.pyplot as plt
+
+    from xcardia.resolution import method_frame
+
+    frames = {s: method_frame(metrics, s, protocol) for s in ("five_shot", "all_labels")}
+    frames = {s: f[~f["method"].str.contains("@")] for s, f in frames.items() if len(f)}
+    if not frames:
+        raise ValueError("no arm has method tables yet")
+    arms = _arms(metrics)
+    fig, axes = plt.subplots(1, len(frames), figsize=(4.2 * len(frames), 3.4), squeeze=False)
+    for ax, (setting, frame) in zip(axes[0], frames.items()):
+        frame = in_method_order(frame, "method")
+        methods = list(dict.fromkeys(frame["method"]))
+        for i, method in enumerate(methods):
+            part = frame[frame["method"] == method].set_index("arm").reindex(arms)
+            x = np.arange(len(arms)) + (i - (len(methods) - 1) / 2) * 0.08
+            y = part["auroc"].astype(float).to_numpy()
+            err = np.abs(np.vstack([y - part["ci_low"].astype(float), part["ci_high"].astype(float) - y]))
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=method_colour(method), label=method)
+        ax.set_xticks(range(len(arms)), [f"{a}³" for a in arms])
+        ax.set_xlabel("grid (same 192 mm field of view)")
+        ax.set_ylabel("macro AUROC")
+        ax.set_title("5 shots" if setting == "five_shot" else "all labels")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_concept_r2(metrics: dict, concepts=R2_CONCEPTS):
+    """Cross-validated R² of wall thickness (IVSd, LVPWd), LVEF and LV mass from each encoder's test features,
+    against the grid: the mean over the method's pretraining seeds (points: single seeds)."""
+    import matplotlib.pyplot as plt
+
+    from xcardia.reporting import group_of
+
+    arms = _arms(metrics)
+    rows = [(arm, group_of(unit), concept, value)
+            for arm in arms for unit, r2 in metrics["arms"][arm]["concept_r2"].items()
+            for concept, value in r2.items() if value is not None]
+    if not rows:
+        raise ValueError("no concept R² recorded yet")
+    from xcardia.interpret import AXIS_PHENOTYPES
+
+    names = {v: k for k, v in AXIS_PHENOTYPES.items()}
+    fig, axes = plt.subplots(1, len(concepts), figsize=(2.6 * len(concepts), 3.0), sharey=True, squeeze=False)
+    methods = sorted({r[1] for r in rows}, key=method_rank)
+    for ax, concept in zip(axes[0], concepts):
+        column = names.get(concept, concept)
+        for i, method in enumerate(methods):
+            values = [[r[3] for r in rows if r[0] == arm and r[1] == method and r[2] == column] for arm in arms]
+            x = np.arange(len(arms)) + (i - (len(methods) - 1) / 2) * 0.08
+            means = [np.mean(v) if v else np.nan for v in values]
+            ax.plot(x, means, marker="o", color=method_colour(method), label=method)
+            for xi, v in zip(x, values):
+                ax.scatter([xi] * len(v), v, s=8, color=method_colour(method), alpha=0.5)
+        ax.set_xticks(range(len(arms)), [f"{a}³" for a in arms])
+        ax.set_title(concept)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("R² from encoder features (test)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
