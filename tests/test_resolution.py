@@ -85,6 +85,8 @@ def test_study_verdict_follows_the_rule():
     both_above = {"xcardia_paper − clip": (0.01, 0.04), "xcardia_fixed − clip": (-0.01, 0.03)}
     assert rs.study_verdict(_tables({"32": both_above, "48": both_above}), gate)["verdict"] == "undecided"
     assert rs.study_verdict(_tables({"32": null}), gate)["verdict"].startswith("not yet measurable")
+    failed = rs.study_verdict(_tables({"32": null}), {"verdicts": {"48": {"passed": False}}})
+    assert failed["verdict"].startswith("not trained: the cohort gate did not pass")
     # without a passed gate a null at 48³ is not evidence against guidance
     assert rs.study_verdict(_tables({"32": null, "48": null}), {"verdicts": {"48": {"passed": False}}})["verdict"] == \
         "undecided"

@@ -554,7 +554,12 @@ def study_verdict(tables: dict, gate: dict | None) -> dict:
     at48 = [r for r in at48 if r is not None]
     against = (not helps and gate_passed and bool(at48)
                and all(r["ci_low"] is not None and r["ci_low"] <= 0 for r in at48))
-    if not finer or not any(row(a, c) for a in finer for c in PRIMARY) or row(REFERENCE_ARM, PRIMARY[0]) is None:
+    gate48 = (gate or {}).get("verdicts", {}).get("48")
+    if gate48 is not None and not gate48["passed"] and not finer:
+        verdict = ("not trained: the cohort gate did not pass at 48³ (a finer grid shows no more of the walls in "
+                   "this cohort), so by the pre-registration the question is answered on the cohort side — the 32³ "
+                   "null result is not the grid's")
+    elif not finer or not any(row(a, c) for a in finer for c in PRIMARY) or row(REFERENCE_ARM, PRIMARY[0]) is None:
         verdict = "not yet measurable: the records do not yet hold both arms' X-Cardia and CLIP runs"
     elif helps:
         verdict = "guidance helps at higher resolution (two variants against CLIP, no multiplicity correction)"
@@ -588,6 +593,7 @@ def study_tables(results=None, n_boot: int | None = None, seed: int = 0, log=pri
                  for arm, recs in by_arm.items()},
         "not_run": {arm: sorted(set(units(arm_profile(arm))) - {r["unit"] for r in by_arm.get(arm, [])})
                     for arm in ARMS},
+        "not_run_reason": not_run_reasons(by_arm, gate),
         "tables": tables, "gate": gate, "verdict": study_verdict(tables, gate), "n_boot": n_boot,
         "pilots": {p.stem.removeprefix("pilot_"): json.loads(p.read_text()) for p in sorted(results.glob("pilot_*.json"))},
     }
@@ -595,14 +601,34 @@ def study_tables(results=None, n_boot: int | None = None, seed: int = 0, log=pri
     (results / "summary.md").write_text(summary_markdown(metrics))
     try:
         from xcardia.figures import save_figure
-        from xcardia.figures.resolution import plot_concept_r2, plot_resolution_auroc
+        from xcardia.figures.resolution import plot_concept_r2, plot_gate, plot_resolution_auroc
 
+        if gate:
+            save_figure(plot_gate(gate), results, "resolution_gate")
         save_figure(plot_resolution_auroc(metrics), results, "resolution_auroc")
         save_figure(plot_concept_r2(metrics), results, "resolution_concept_r2")
     except ValueError as exc:  # nothing to plot yet
         log(f"[resolution] figures skipped: {exc}")
     log(f"[resolution] {results / 'metrics.json'}, {results / 'summary.md'}")
     return metrics
+
+
+def not_run_reasons(by_arm: dict, gate: dict | None) -> dict:
+    """Why an arm has no records: the gate (pre-registered for 48³), or the conditions the 64³ arm depends on."""
+    out = {}
+    verdicts = (gate or {}).get("verdicts", {})
+    for arm in ARMS:
+        if arm in by_arm:
+            continue
+        if arm in verdicts and not verdicts[arm]["passed"]:
+            out[arm] = f"the cohort gate did not pass at {arm}³: {verdicts[arm]['reading']}"
+        elif arm == "64":
+            out[arm] = ("run only if the 48³ pilot projects 48³ ≤ 6 h and 64³ ≤ 10 h (pre-registration); "
+                        + ("the 48³ arm was not trained" if verdicts.get("48", {}).get("passed") is False
+                           else "no pilot yet"))
+        else:
+            out[arm] = "not run yet"
+    return out
 
 
 def comparison_frame(metrics: dict, setting: str = "five_shot", protocol: str = "paper",
@@ -651,7 +677,10 @@ def summary_markdown(metrics: dict) -> str:
             methods["macro AUROC [95% CI]"] = [format_ci(r.auroc, r.ci_low, r.ci_high) for r in methods.itertuples()]
             lines += ["", methods.pivot(index="method", columns="arm", values="macro AUROC [95% CI]").to_markdown()]
     lines += ["", "## Not run", ""]
-    lines += [f"- {arm}³: {', '.join(v) if v else 'nothing (complete)'}" for arm, v in metrics["not_run"].items()]
+    for arm, missing in metrics["not_run"].items():
+        reason = metrics.get("not_run_reason", {}).get(arm)
+        lines.append(f"- {arm}³: " + (f"not run — {reason}" if reason else
+                                       ", ".join(missing) if missing else "nothing (complete)"))
     return "\n".join(lines) + "\n"
 
 

@@ -81,3 +81,38 @@ def plot_concept_r2(metrics: dict, concepts=R2_CONCEPTS):
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+
+def plot_gate(gate: dict):
+    """The cohort gate against the grid: what a perfect segmentation of the CT shows of the walls — the best single
+    measurement's AUROC for LVWT ≥ 1.3, and the Spearman correlation of each myocardial measurement with IVSd and
+    LVPWd (test patients)."""
+    import matplotlib.pyplot as plt
+
+    from xcardia.resolution import LVWT_TASK
+
+    arms = sorted(gate["arms"], key=int)
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    x = np.arange(len(arms))
+    axes[0].plot(x, [gate["arms"][a]["visibility"][LVWT_TASK]["best_auroc"] for a in arms], marker="o", color="k",
+                 label="best measurement")
+    axes[0].plot(x, [gate["arms"][a]["visibility"][LVWT_TASK]["lv_wall_thickness_auroc"] for a in arms], marker="s",
+                 ls="--", color="tab:red", label="wall thickness")
+    axes[0].set_ylabel("AUROC, LVWT ≥ 1.3 cm")
+    axes[0].legend(fontsize=8)
+    styles = {"lv_wall_thickness_mm": ("tab:red", "wall thickness"), "myocardial_volume_ml": ("0.4", "myocardial volume")}
+    for key in gate["arms"][arms[0]]["correlations"]:
+        measurement, phenotype = key.split("~")
+        colour, name = styles.get(measurement, ("tab:blue", measurement))
+        axes[1].plot(x, [gate["arms"][a]["correlations"][key]["spearman"] for a in arms], color=colour,
+                     ls="-" if phenotype == "ivsd_cm" else ":", marker="o",
+                     label=f"{name} ~ {'IVSd' if phenotype == 'ivsd_cm' else 'LVPWd'}")
+    axes[1].set_ylabel("Spearman ρ")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(x, [f"{a}³" for a in arms])
+        ax.set_xlabel("grid (same 192 mm field of view)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("From the label map (a perfect segmentation), test patients", fontsize=10)
+    fig.tight_layout()
+    return fig
