@@ -374,6 +374,10 @@ def run_unit(arm: str, unit: str, work=None, results=None, reference=None, base:
     payload["settings_digest"] = settings_digest(payload["settings"])
     payload["shared_digest"] = shared_digest(payload["settings"])
     if reference is not None:
+        from xcardia.results import read_metrics
+
+        payload["reference"] = {"path": str(Path(reference).resolve()),
+                                "commit": read_metrics(reference).get("run", {}).get("commit")}
         payload["matches_reference"] = matches_reference(reference, ft_pred, ks_pred)
     path = write_record(results, arm, unit, payload, predictions, y_test,
                         manifest["patient_id"].astype(str).to_numpy()[test])
@@ -604,8 +608,9 @@ def study_tables(results=None, n_boot: int | None = None, seed: int = 0, log=pri
         from xcardia.figures.resolution import plot_concept_r2, plot_gate, plot_resolution_auroc
 
         if gate:
-            save_figure(plot_gate(gate), results, "resolution_gate")
-        save_figure(plot_resolution_auroc(metrics), results, "resolution_auroc")
+            save_figure(plot_gate(gate, LVWT_TASK), results, "resolution_gate")
+        frames = {s: method_frame(metrics, s, "paper") for s in ("five_shot", "all_labels")}
+        save_figure(plot_resolution_auroc(frames, list(metrics["tables"])), results, "resolution_auroc")
         save_figure(plot_concept_r2(metrics), results, "resolution_concept_r2")
     except ValueError as exc:  # nothing to plot yet
         log(f"[resolution] figures skipped: {exc}")

@@ -15,18 +15,16 @@ def _arms(metrics: dict) -> list[str]:
     return sorted(metrics["tables"], key=int)
 
 
-def plot_resolution_auroc(metrics: dict, protocol: str = "paper"):
+def plot_resolution_auroc(frames: dict, arms: list[str]):
     """Macro AUROC (selected encoders, mean over pretraining seeds, 95 % interval) against the grid per method: 5
-    shots (the primary setting) and all labels side by side."""
+    shots (the primary setting) and all labels side by side. ``frames`` maps a setting (``five_shot``,
+    ``all_labels``) to its :func:`xcardia.resolution.method_frame`; ``arms`` are the grids on the x axis."""
     import matplotlib.pyplot as plt
 
-    from xcardia.resolution import method_frame
-
-    frames = {s: method_frame(metrics, s, protocol) for s in ("five_shot", "all_labels")}
     frames = {s: f[~f["method"].str.contains("@")] for s, f in frames.items() if len(f)}
     if not frames:
         raise ValueError("no arm has method tables yet")
-    arms = _arms(metrics)
+    arms = sorted(arms, key=int)
     fig, axes = plt.subplots(1, len(frames), figsize=(4.2 * len(frames), 3.4), squeeze=False)
     for ax, (setting, frame) in zip(axes[0], frames.items()):
         frame = in_method_order(frame, "method")
@@ -83,20 +81,18 @@ def plot_concept_r2(metrics: dict, concepts=R2_CONCEPTS):
     return fig
 
 
-def plot_gate(gate: dict):
+def plot_gate(gate: dict, task: str):
     """The cohort gate against the grid: what a perfect segmentation of the CT shows of the walls — the best single
     measurement's AUROC for LVWT ≥ 1.3, and the Spearman correlation of each myocardial measurement with IVSd and
-    LVPWd (test patients)."""
+    LVPWd (test patients). ``task`` is the wall-thickness task the gate reads (:data:`xcardia.resolution.LVWT_TASK`)."""
     import matplotlib.pyplot as plt
-
-    from xcardia.resolution import LVWT_TASK
 
     arms = sorted(gate["arms"], key=int)
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2))
     x = np.arange(len(arms))
-    axes[0].plot(x, [gate["arms"][a]["visibility"][LVWT_TASK]["best_auroc"] for a in arms], marker="o", color="k",
+    axes[0].plot(x, [gate["arms"][a]["visibility"][task]["best_auroc"] for a in arms], marker="o", color="k",
                  label="best measurement")
-    axes[0].plot(x, [gate["arms"][a]["visibility"][LVWT_TASK]["lv_wall_thickness_auroc"] for a in arms], marker="s",
+    axes[0].plot(x, [gate["arms"][a]["visibility"][task]["lv_wall_thickness_auroc"] for a in arms], marker="s",
                  ls="--", color="tab:red", label="wall thickness")
     axes[0].set_ylabel("AUROC, LVWT ≥ 1.3 cm")
     axes[0].legend(fontsize=8)
