@@ -458,6 +458,8 @@ def commit_record(path: Path, message: str) -> None:
 def load_records(results=None) -> dict[str, list[dict]]:
     """Every record under ``results/runs/<arm>/``, by arm, each with its predictions loaded (``_predictions``,
     ``_y_test``, ``_test_ids``). A record whose npz is missing or altered is refused, naming it."""
+    from xcardia.finetune.experiment import parse_key
+
     results = Path(results) if results else default_results_dir()
     out: dict[str, list[dict]] = {}
     for json_path in sorted((results / "runs").glob("*/*.json")):
@@ -472,19 +474,10 @@ def load_records(results=None) -> dict[str, list[dict]]:
         with np.load(npz) as data:
             record["_y_test"] = data["test_labels"].astype(float)
             record["_test_ids"] = data["test_ids"]
-            record["_predictions"] = {tuple(_parse(p) for p in key.split("|")): data[key].astype(float)
+            record["_predictions"] = {parse_key(key): data[key].astype(float)
                                       for key in data.files if key not in ("test_labels", "test_ids")}
         out.setdefault(record["arm"], []).append(record)
     return out
-
-
-def _parse(part: str):
-    for cast in (int, float):
-        try:
-            return cast(part)
-        except ValueError:
-            pass
-    return part
 
 
 def check_records(by_arm: dict[str, list[dict]]) -> None:

@@ -249,7 +249,9 @@ def save_predictions(path: str | os.PathLike, predictions: dict) -> None:
     write_atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
 
 
-def load_predictions(path: str | os.PathLike) -> dict:
+def parse_key(key: str) -> tuple:
+    """A predictions key written by :func:`save_predictions` (``"kshot|paper|clip_s0|5|0"``) back as a tuple, its
+    numbers as numbers."""
     def parse(part: str):
         for cast in (int, float):
             try:
@@ -258,5 +260,9 @@ def load_predictions(path: str | os.PathLike) -> dict:
                 pass
         return part
 
+    return tuple(parse(p) for p in key.split("|"))
+
+
+def load_predictions(path: str | os.PathLike) -> dict:
     with np.load(path) as data:
-        return {tuple(parse(p) for p in key.split("|")): data[key] for key in data.files}
+        return {parse_key(key): data[key] for key in data.files}
