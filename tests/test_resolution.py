@@ -116,6 +116,8 @@ def test_a_unit_record_holds_what_the_reference_computed(smoke_records):
     record = json.loads(paths[0].read_text())
     assert record["unit"] == "clip_s0" and record["inits"] == ["clip_s0", "clip_s0@last"]
     assert record["selection"]["epoch"] >= 1 and record["timing_s"]["evaluate_s"] > 0
+    assert record["selection"]["rule"] == "best validation concept mAP"
+    assert set(record["reference"]) == {"path", "commit"} and record["reference"]["path"].startswith("/")
     for part in ("finetune", "fewshot"):  # evaluating one init alone, at the study's settings only, changes nothing
         match = record["matches_reference"][part]
         assert match["compared"] > 0 and match["identical"] == match["compared"], match

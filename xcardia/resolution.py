@@ -344,7 +344,7 @@ def run_unit(arm: str, unit: str, work=None, results=None, reference=None, base:
         info = RunFolder(run).info()
         timing["pretrain_s"] = round(float(info.get("wall_time_s", time.perf_counter() - started)), 1)
         selection = {"epoch": info["selection"]["epoch"], "epochs": int(info["config"]["pretrain"]["epochs"]),
-                     "rule": info["selection"].get("rule")}
+                     "rule": info["selection"].get("criterion")}
     else:
         selection = None
     inits = _unit_inits(prof, unit, runs_dir)
