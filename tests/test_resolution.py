@@ -152,3 +152,16 @@ def test_tables_from_records_and_their_refusals(smoke_records, tmp_path):
     record_path.write_text(json.dumps(record))
     with pytest.raises(XcardiaError, match="different result-shaping settings"):
         rs.study_tables(mixed, n_boot=50, log=lambda *_: None)
+
+
+def test_summary_tables_are_written_without_an_optional_dependency():
+    """``summary.md``'s tables come from :func:`xcardia.reporting.markdown_table`, not ``DataFrame.to_markdown``
+    (which needs ``tabulate``, not in requirements.txt): index first, missing cells "–", a pipe escaped."""
+    import pandas as pd
+
+    from xcardia.reporting import markdown_table
+
+    frame = pd.DataFrame({"32": ["+0.01 [−0.02, +0.04]", None], "48": [float("nan"), "a|b"]},
+                         index=pd.Index(["clip", "scratch"], name="method"))
+    assert markdown_table(frame) == ("| method | 32 | 48 |\n|---|---|---|\n"
+                                     "| clip | +0.01 [−0.02, +0.04] | – |\n| scratch | – | a\\|b |")

@@ -342,6 +342,21 @@ def format_ci(value, low, high, digits: int = 3) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table of ``frame`` with its index as the first column (what ``DataFrame.to_markdown``
+    writes, without its optional ``tabulate`` dependency); missing cells are written as "–"."""
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        return str(v).replace("|", "\\|")
+
+    index_name = frame.index.name if frame.index.name is not None else ""
+    header = [str(index_name), *(str(c) for c in frame.columns)]
+    rows = [[cell(i), *(cell(v) for v in row)] for i, row in zip(frame.index, frame.itertuples(index=False))]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
 def wide_auroc_table(table: pd.DataFrame) -> pd.DataFrame:
     """inits × tasks of "AUROC [CI]" strings, tasks by short name, plus a row of test positives."""
     cells = table.assign(cell=[format_ci(r.auroc, r.ci_low, r.ci_high, 2) for r in table.itertuples()])

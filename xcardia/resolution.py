@@ -650,7 +650,7 @@ def method_frame(metrics: dict, setting: str = "five_shot", protocol: str = "pap
 
 
 def summary_markdown(metrics: dict) -> str:
-    from xcardia.reporting import format_ci
+    from xcardia.reporting import format_ci, markdown_table
 
     lines = ["# The resolution study — results", "",
              f"Computed from the records under `runs/` by `python -m xcardia resolution --tables`; the question, arms "
@@ -658,7 +658,7 @@ def summary_markdown(metrics: dict) -> str:
              f"({metrics['n_boot']} patient resamples).", "", f"**Verdict**: {metrics['verdict']['verdict']}", ""]
     lines += [f"- {e}" for e in metrics["verdict"]["evidence"]]
     if metrics.get("gate"):
-        lines += ["", "## The cohort gate (test patients)", "", gate_table(metrics["gate"]).round(3).to_markdown(), ""]
+        lines += ["", "## The cohort gate (test patients)", "", markdown_table(gate_table(metrics["gate"]).round(3)), ""]
         for arm, v in metrics["gate"]["verdicts"].items():
             lines.append(f"- {arm}³: LVWT best AUROC {v['lvwt_best_auroc_rise']:+.3f}, best wall correlation "
                          f"{v['best_wall_correlation_rise']:+.3f} → {v['reading']}")
@@ -670,10 +670,10 @@ def summary_markdown(metrics: dict) -> str:
             frame["difference [95% CI]"] = [format_ci(r.difference, r.ci_low, r.ci_high) for r in frame.itertuples()]
             wide = frame.pivot(index="comparison", columns="arm", values="difference [95% CI]")
             lines += ["", f"## {title}, `{protocol}` protocol, selected encoders: paired macro differences", "",
-                      wide.to_markdown()]
+                      markdown_table(wide)]
             methods = method_frame(metrics, setting, protocol)
             methods["macro AUROC [95% CI]"] = [format_ci(r.auroc, r.ci_low, r.ci_high) for r in methods.itertuples()]
-            lines += ["", methods.pivot(index="method", columns="arm", values="macro AUROC [95% CI]").to_markdown()]
+            lines += ["", markdown_table(methods.pivot(index="method", columns="arm", values="macro AUROC [95% CI]"))]
     lines += ["", "## Not run", ""]
     for arm, missing in metrics["not_run"].items():
         reason = metrics.get("not_run_reason", {}).get(arm)
