@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from xcardia.config import get_profile  # noqa: E402
@@ -32,3 +33,21 @@ def test_the_k_shot_curve_draws_each_init_in_its_methods_colour():
     lines = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
     assert lines == {name: method_colour(name) for name in ("clip_s0", "xcardia_paper_s0", "scratch_s0")}
     assert len(set(lines.values())) == 3
+
+
+def test_the_gate_figure_draws_the_pass_line_the_rule_sets_over_the_reference_grid():
+    import json
+    from pathlib import Path
+
+    from xcardia.figures.resolution import plot_gate
+    from xcardia.resolution import GATE_AUROC_RISE, GATE_CORRELATION_RISE, LVWT_TASK
+
+    gate = json.loads((Path(__file__).parents[1] / "results" / "resolution" / "gate.json").read_text())
+    fig = plot_gate(gate, LVWT_TASK, (GATE_AUROC_RISE, GATE_CORRELATION_RISE))
+    reference = gate["arms"]["32"]
+    expected = (reference["visibility"][LVWT_TASK]["best_auroc"] + GATE_AUROC_RISE,
+                max(abs(v["spearman"]) for v in reference["correlations"].values()) + GATE_CORRELATION_RISE)
+    for ax, level in zip(fig.axes, expected):
+        pass_lines = [line for line in ax.get_lines() if line.get_label().startswith("pass line")]
+        assert len(pass_lines) == 1 and np.allclose(pass_lines[0].get_ydata(), level)
+        assert ax.get_ylim()[0] <= level <= ax.get_ylim()[1]  # the line is inside the axis, not clipped off

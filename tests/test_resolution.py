@@ -165,3 +165,5 @@ def test_summary_tables_are_written_without_an_optional_dependency():
                          index=pd.Index(["clip", "scratch"], name="method"))
     assert markdown_table(frame) == ("| method | 32 | 48 |\n|---|---|---|\n"
                                      "| clip | +0.01 [−0.02, +0.04] | – |\n| scratch | – | a\\|b |")
+    numbers = pd.DataFrame({"AUROC": [0.94, 0.9351]}, index=["32", "48"])
+    assert markdown_table(numbers, digits=3) == "|  | AUROC |\n|---|---|\n| 32 | 0.940 |\n| 48 | 0.935 |"

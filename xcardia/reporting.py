@@ -342,12 +342,15 @@ def format_ci(value, low, high, digits: int = 3) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame, digits: int | None = None) -> str:
     """A GitHub markdown table of ``frame`` with its index as the first column (what ``DataFrame.to_markdown``
-    writes, without its optional ``tabulate`` dependency); missing cells are written as "–"."""
+    writes, without its optional ``tabulate`` dependency); missing cells are written as "–", floats with ``digits``
+    decimals when given."""
     def cell(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "–"
+        if digits is not None and isinstance(v, float):
+            return f"{v:.{digits}f}"
         return str(v).replace("|", "\\|")
 
     index_name = frame.index.name if frame.index.name is not None else ""

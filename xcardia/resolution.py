@@ -265,7 +265,7 @@ def gate_table(gate: dict) -> pd.DataFrame:
         row.update({f"ρ {k.replace('_ml', '').replace('_mm', '')}": v["spearman"]
                     for k, v in side["correlations"].items()})
         rows[arm] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("arm")
 
 
 # ------------------------------------------------------------------------------------------------- arms and units
@@ -601,7 +601,7 @@ def study_tables(results=None, n_boot: int | None = None, seed: int = 0, log=pri
         from xcardia.figures.resolution import plot_concept_r2, plot_gate, plot_resolution_auroc
 
         if gate:
-            save_figure(plot_gate(gate, LVWT_TASK), results, "resolution_gate")
+            save_figure(plot_gate(gate, LVWT_TASK, (GATE_AUROC_RISE, GATE_CORRELATION_RISE)), results, "resolution_gate")
         frames = {s: method_frame(metrics, s, "paper") for s in ("five_shot", "all_labels")}
         save_figure(plot_resolution_auroc(frames, list(metrics["tables"])), results, "resolution_auroc")
         save_figure(plot_concept_r2(metrics), results, "resolution_concept_r2")
@@ -658,7 +658,7 @@ def summary_markdown(metrics: dict) -> str:
              f"({metrics['n_boot']} patient resamples).", "", f"**Verdict**: {metrics['verdict']['verdict']}", ""]
     lines += [f"- {e}" for e in metrics["verdict"]["evidence"]]
     if metrics.get("gate"):
-        lines += ["", "## The cohort gate (test patients)", "", markdown_table(gate_table(metrics["gate"]).round(3)), ""]
+        lines += ["", "## The cohort gate (test patients)", "", markdown_table(gate_table(metrics["gate"]), digits=3), ""]
         for arm, v in metrics["gate"]["verdicts"].items():
             lines.append(f"- {arm}³: LVWT best AUROC {v['lvwt_best_auroc_rise']:+.3f}, best wall correlation "
                          f"{v['best_wall_correlation_rise']:+.3f} → {v['reading']}")

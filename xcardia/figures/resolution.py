@@ -81,10 +81,12 @@ def plot_concept_r2(metrics: dict, concepts=R2_CONCEPTS):
     return fig
 
 
-def plot_gate(gate: dict, task: str):
+def plot_gate(gate: dict, task: str, pass_rise: tuple[float, float] | None = None):
     """The cohort gate against the grid: what a perfect segmentation of the CT shows of the walls — the best single
     measurement's AUROC for LVWT ≥ 1.3, and the Spearman correlation of each myocardial measurement with IVSd and
-    LVPWd (test patients). ``task`` is the wall-thickness task the gate reads (:data:`xcardia.resolution.LVWT_TASK`)."""
+    LVPWd (test patients). ``task`` is the wall-thickness task the gate reads (:data:`xcardia.resolution.LVWT_TASK`);
+    ``pass_rise`` (AUROC rise, correlation rise) draws the pre-registered pass line over the first (reference) grid,
+    so the axis shows the rise against what was asked of it, not only against itself."""
     import matplotlib.pyplot as plt
 
     arms = sorted(gate["arms"], key=int)
@@ -95,7 +97,6 @@ def plot_gate(gate: dict, task: str):
     axes[0].plot(x, [gate["arms"][a]["visibility"][task]["lv_wall_thickness_auroc"] for a in arms], marker="s",
                  ls="--", color="tab:red", label="wall thickness")
     axes[0].set_ylabel("AUROC, LVWT ≥ 1.3 cm")
-    axes[0].legend(fontsize=8)
     styles = {"lv_wall_thickness_mm": ("tab:red", "wall thickness"), "myocardial_volume_ml": ("0.4", "myocardial volume")}
     for key in gate["arms"][arms[0]]["correlations"]:
         measurement, phenotype = key.split("~")
@@ -104,7 +105,16 @@ def plot_gate(gate: dict, task: str):
                      ls="-" if phenotype == "ivsd_cm" else ":", marker="o",
                      label=f"{name} ~ {'IVSd' if phenotype == 'ivsd_cm' else 'LVPWd'}")
     axes[1].set_ylabel("Spearman ρ")
-    axes[1].legend(fontsize=7)
+    if pass_rise is not None:
+        reference = gate["arms"][arms[0]]
+        lines = (reference["visibility"][task]["best_auroc"] + pass_rise[0],
+                 max(abs(v["spearman"]) for v in reference["correlations"].values()) + pass_rise[1])
+        for ax, level, rise in zip(axes, lines, pass_rise):
+            ax.axhline(level, color="tab:green", ls="-.", lw=1.2, label=f"pass line (+{rise:g} over {arms[0]}³)")
+    axes[0].legend(fontsize=8, loc="center right")
+    low, high = axes[1].get_ylim()
+    axes[1].set_ylim(low - 0.9 * (high - low), high)  # room below the lines for the legend
+    axes[1].legend(fontsize=7, loc="lower right")
     for ax in axes:
         ax.set_xticks(x, [f"{a}³" for a in arms])
         ax.set_xlabel("grid (same 192 mm field of view)")
