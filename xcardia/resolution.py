@@ -653,7 +653,7 @@ def summary_markdown(metrics: dict) -> str:
     from xcardia.reporting import format_ci, markdown_table
 
     lines = ["# The resolution study — results", "",
-             f"Computed from the records under `runs/` by `python -m xcardia resolution --tables`; the question, arms "
+             f"Computed from the records under `runs/` by `python -m xcardia resolution --only tables`; the question, arms "
              f"and rule are the pre-registration's (`README.md`). Intervals: 95 %, pretraining seeds × test patients "
              f"({metrics['n_boot']} patient resamples).", "", f"**Verdict**: {metrics['verdict']['verdict']}", ""]
     lines += [f"- {e}" for e in metrics["verdict"]["evidence"]]
