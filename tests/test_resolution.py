@@ -167,3 +167,15 @@ def test_summary_tables_are_written_without_an_optional_dependency():
                                      "| clip | +0.01 [−0.02, +0.04] | – |\n| scratch | – | a\\|b |")
     numbers = pd.DataFrame({"AUROC": [0.94, 0.9351]}, index=["32", "48"])
     assert markdown_table(numbers, digits=3) == "|  | AUROC |\n|---|---|\n| 32 | 0.940 |\n| 48 | 0.935 |"
+
+
+@pytest.mark.parametrize("damaged", ["gate.json", "runs/32/clip_s0.json", "pilot_48.json"])
+def test_a_torn_study_file_is_refused_in_one_line_naming_it_and_left_as_it_was(damaged, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(rs.default_results_dir(), results)
+    path = results / damaged
+    path.write_text('{"arms": ')
+    with pytest.raises(XcardiaError, match=r"unreadable .*(restore it from git|delete it)") as err:
+        rs.study_tables(results, n_boot=10, log=lambda *_: None)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert path.read_text() == '{"arms": '

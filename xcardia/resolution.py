@@ -84,6 +84,26 @@ def default_work_dir() -> Path:
     return project_root() / "outputs" / "resolution"
 
 
+def _read_json(path: Path, remedy: str) -> dict:
+    """A study file (record, gate, pilot) as a dict, or a one-line error naming it and what to do."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise XcardiaError(f"{path}: unreadable ({type(exc).__name__}: {exc}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise XcardiaError(f"{path}: not a JSON object; {remedy}")
+    return value
+
+
+def _read_gate(results: Path) -> dict | None:
+    """``gate.json`` of the study (None before the gate was computed)."""
+    path = results / "gate.json"
+    if not path.exists():
+        return None
+    return _read_json(path, f"restore it from git (git checkout -- {path}) or delete it and recompute it "
+                            f"(python -m xcardia resolution --arm 48 --only gate)")
+
+
 def _check_arm(arm: str) -> str:
     arm = str(arm)
     if arm not in ARMS:
@@ -463,7 +483,8 @@ def load_records(results=None) -> dict[str, list[dict]]:
     results = Path(results) if results else default_results_dir()
     out: dict[str, list[dict]] = {}
     for json_path in sorted((results / "runs").glob("*/*.json")):
-        record = json.loads(json_path.read_text())
+        record = _read_json(json_path, f"restore it from git (git checkout -- {json_path}) or delete it and its .npz "
+                                       f"and rerun that unit")
         npz = json_path.with_name(record.get("predictions", ""))
         if not npz.is_file():
             raise XcardiaError(f"{json_path}: its predictions file {npz.name} is missing; rerun that unit "
@@ -578,7 +599,7 @@ def study_tables(results=None, n_boot: int | None = None, seed: int = 0, log=pri
     check_records(by_arm)
     n_boot = n_boot or get_profile("cpu").finetune.n_boot
     tables = {arm: arm_tables(records, n_boot, seed) for arm, records in sorted(by_arm.items(), key=lambda x: int(x[0]))}
-    gate = json.loads((results / "gate.json").read_text()) if (results / "gate.json").exists() else None
+    gate = _read_gate(results)
     metrics = {
         "question": "does phenotype guidance help once the heart's walls are resolvable?",
         "arms": {arm: {"units": sorted(r["unit"] for r in recs), "commits": sorted({r["commit"] for r in recs}),
@@ -592,7 +613,8 @@ def study_tables(results=None, n_boot: int | None = None, seed: int = 0, log=pri
                     for arm in ARMS},
         "not_run_reason": not_run_reasons(by_arm, gate),
         "tables": tables, "gate": gate, "verdict": study_verdict(tables, gate), "n_boot": n_boot,
-        "pilots": {p.stem.removeprefix("pilot_"): json.loads(p.read_text()) for p in sorted(results.glob("pilot_*.json"))},
+        "pilots": {p.stem.removeprefix("pilot_"): _read_json(p, "restore it from git or delete it and rerun the pilot")
+                   for p in sorted(results.glob("pilot_*.json"))},
     }
     write_json_atomic(results / "metrics.json", metrics, indent=1)
     (results / "summary.md").write_text(summary_markdown(metrics))
@@ -732,7 +754,7 @@ def run_study(arm: str | None = None, unit_names: list[str] | None = None, work=
     if "gate" in steps and arm not in (None, REFERENCE_ARM) and not (results / "gate.json").exists():
         cohort_gate((REFERENCE_ARM, arm), work, results, reference, log)
     if arm not in (None, REFERENCE_ARM) and "units" in steps:
-        gate = json.loads((results / "gate.json").read_text()) if (results / "gate.json").exists() else None
+        gate = _read_gate(results)
         verdict = (gate or {}).get("verdicts", {}).get(arm)
         if verdict is None:
             raise XcardiaError(f"the cohort gate has not been computed for {arm}³; run without --only or with "
