@@ -40,10 +40,10 @@ def test_the_gate_figure_draws_the_pass_line_the_rule_sets_over_the_reference_gr
     from pathlib import Path
 
     from xcardia.figures.resolution import plot_gate
-    from xcardia.resolution import GATE_AUROC_RISE, GATE_CORRELATION_RISE, LVWT_TASK
+    from xcardia.resolution import GATE_AUROC_RISE, GATE_CORRELATION_RISE, LVWT_TASK, gate_pass_lines
 
     gate = json.loads((Path(__file__).parents[1] / "results" / "resolution" / "gate.json").read_text())
-    fig = plot_gate(gate, LVWT_TASK, (GATE_AUROC_RISE, GATE_CORRELATION_RISE))
+    fig = plot_gate(gate, LVWT_TASK, gate_pass_lines(gate))
     reference = gate["arms"]["32"]
     expected = (reference["visibility"][LVWT_TASK]["best_auroc"] + GATE_AUROC_RISE,
                 max(abs(v["spearman"]) for v in reference["correlations"].values()) + GATE_CORRELATION_RISE)

@@ -81,12 +81,13 @@ def plot_concept_r2(metrics: dict, concepts=R2_CONCEPTS):
     return fig
 
 
-def plot_gate(gate: dict, task: str, pass_rise: tuple[float, float] | None = None):
+def plot_gate(gate: dict, task: str, pass_lines=None):
     """The cohort gate against the grid: what a perfect segmentation of the CT shows of the walls — the best single
     measurement's AUROC for LVWT ≥ 1.3, and the Spearman correlation of each myocardial measurement with IVSd and
     LVPWd (test patients). ``task`` is the wall-thickness task the gate reads (:data:`xcardia.resolution.LVWT_TASK`);
-    ``pass_rise`` (AUROC rise, correlation rise) draws the pre-registered pass line over the first (reference) grid,
-    so the axis shows the rise against what was asked of it, not only against itself."""
+    ``pass_lines`` (:func:`xcardia.resolution.gate_pass_lines`: (level, rise) for the AUROC and the correlation)
+    draws the pre-registered pass line over the first (reference) grid, so the axis shows the rise against what was
+    asked of it, not only against itself."""
     import matplotlib.pyplot as plt
 
     arms = sorted(gate["arms"], key=int)
@@ -105,12 +106,8 @@ def plot_gate(gate: dict, task: str, pass_rise: tuple[float, float] | None = Non
                      ls="-" if phenotype == "ivsd_cm" else ":", marker="o",
                      label=f"{name} ~ {'IVSd' if phenotype == 'ivsd_cm' else 'LVPWd'}")
     axes[1].set_ylabel("Spearman ρ")
-    if pass_rise is not None:
-        reference = gate["arms"][arms[0]]
-        lines = (reference["visibility"][task]["best_auroc"] + pass_rise[0],
-                 max(abs(v["spearman"]) for v in reference["correlations"].values()) + pass_rise[1])
-        for ax, level, rise in zip(axes, lines, pass_rise):
-            ax.axhline(level, color="tab:green", ls="-.", lw=1.2, label=f"pass line (+{rise:g} over {arms[0]}³)")
+    for ax, (level, rise) in zip(axes, pass_lines or ()):
+        ax.axhline(level, color="tab:green", ls="-.", lw=1.2, label=f"pass line (+{rise:g} over {arms[0]}³)")
     axes[0].legend(fontsize=8, loc="center right")
     low, high = axes[1].get_ylim()
     axes[1].set_ylim(low - 0.9 * (high - low), high)  # room below the lines for the legend
